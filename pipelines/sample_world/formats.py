@@ -1,0 +1,162 @@
+"""Write the sample world as the real sources are released, with URLs on a given server.
+
+- MMC4: ``docs_shard_{i}_v2.jsonl.zip`` (one ``.jsonl`` member) or plain ``.jsonl``.
+- LAION: ``part-{i:05d}.parquet`` with ``URL``, ``TEXT``, ``WIDTH``, ``HEIGHT``, ``similarity``.
+- CC-12M: ``cc12m-{i:05d}.tsv``, ``url<TAB>caption``, no header (as released).
+- ``ground_truth.jsonl`` (one line per image: scene, true caption, text shown, mismatch label)
+  and ``eval/<split>.jsonl`` for the held-out splits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.sample_world.world import SampleWorld, image_path
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def mmc4_records(world: SampleWorld, base_url: str) -> list[dict]:
+    records = []
+    for story in world.stories:
+        n_sentences = len(story.sentences)
+        records.append({
+            "url": f"https://stories.example/{story.story_id}.html",
+            "text_list": story.sentences,
+            "image_info": [
+                {
+                    "image_name": f"{image.image_id}.jpg",
+                    "raw_url": base_url + image_path(image.image_id),
+                    "matched_text_index": image.matched_text_index,
+                    "matched_sim": image.matched_sim,
+                    "face_detections": None,
+                }
+                for image in story.images
+            ],
+            "similarity_matrix": [
+                [image.matched_sim if k == image.matched_text_index else round(image.matched_sim * 0.5, 4)
+                 for k in range(n_sentences)]
+                for image in story.images
+            ],
+            "could_have_url_duplicate": 0,
+        })
+    return records
+
+
+def write_mmc4(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, docs_per_shard: int = 16,
+               zipped: bool = True) -> list[Path]:
+    out = Path(out_dir) / "mmc4"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, chunk in enumerate(_chunks(mmc4_records(world, base_url), docs_per_shard)):
+        member = f"docs_shard_{i}_v2.jsonl"
+        data = "".join(json.dumps(r) + "\n" for r in chunk).encode()
+        if zipped:
+            path = out / f"{member}.zip"
+            tmp = path.with_name(path.name + ".tmp")
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(member, data)
+            os.replace(tmp, path)
+        else:
+            path = out / member
+            _atomic_write_bytes(path, data)
+        paths.append(path)
+    return paths
+
+
+def _split_pairs(world: SampleWorld) -> tuple[list, list]:
+    """Even pairs go to LAION, odd ones to CC-12M."""
+    return world.pairs[0::2], world.pairs[1::2]
+
+
+def write_laion(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, rows_per_shard: int = 100) -> list[Path]:
+    out = Path(out_dir) / "laion"
+    out.mkdir(parents=True, exist_ok=True)
+    size = world.config.image_size
+    paths = []
+    for i, chunk in enumerate(_chunks(_split_pairs(world)[0], rows_per_shard)):
+        table = pa.table({
+            "URL": [base_url + image_path(p.image_id) for p in chunk],
+            "TEXT": [p.text for p in chunk],
+            "WIDTH": pa.array([size] * len(chunk), pa.int32()),
+            "HEIGHT": pa.array([size] * len(chunk), pa.int32()),
+            "similarity": pa.array([p.similarity for p in chunk], pa.float64()),
+        })
+        path = out / f"part-{i:05d}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def write_cc12m(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, rows_per_shard: int = 100) -> list[Path]:
+    out = Path(out_dir) / "cc12m"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, chunk in enumerate(_chunks(_split_pairs(world)[1], rows_per_shard)):
+        path = out / f"cc12m-{i:05d}.tsv"
+        lines = "".join(f"{base_url + image_path(p.image_id)}\t{p.text}\n" for p in chunk)
+        _atomic_write_bytes(path, lines.encode())
+        paths.append(path)
+    return paths
+
+
+def ground_truth_records(world: SampleWorld, base_url: str) -> list[dict]:
+    records = []
+    laion, _ = _split_pairs(world)
+    laion_ids = {p.image_id for p in laion}
+    for p in world.pairs:
+        records.append({
+            "image_id": p.image_id, "url": base_url + image_path(p.image_id),
+            "source": "laion" if p.image_id in laion_ids else "cc12m",
+            "scene": p.scene.to_dict(), "caption": p.caption, "text": p.text, "text_kind": p.text_kind,
+            "mismatched": p.mismatched,
+        })
+    for story in world.stories:
+        for image in story.images:
+            records.append({
+                "image_id": image.image_id, "url": base_url + image_path(image.image_id), "source": "mmc4",
+                "story_id": story.story_id, "scene": image.scene.to_dict(),
+                "caption": story.sentences[image.matched_text_index],
+                "text": story.sentences[image.matched_text_index],
+                "text_kind": "mismatched" if image.mismatched else "story_sentence", "mismatched": image.mismatched,
+            })
+    return records
+
+
+def write_metadata(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, mmc4_zipped: bool = True,
+                   docs_per_shard: int = 16, rows_per_shard: int = 100) -> dict[str, list[Path]]:
+    """Write all three source formats, the ground truth and the eval splits under ``out_dir``."""
+    base_url = base_url.rstrip("/")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {
+        "mmc4": write_mmc4(world, out, base_url, docs_per_shard=docs_per_shard, zipped=mmc4_zipped),
+        "laion": write_laion(world, out, base_url, rows_per_shard=rows_per_shard),
+        "cc12m": write_cc12m(world, out, base_url, rows_per_shard=rows_per_shard),
+    }
+    truth = out / "ground_truth.jsonl"
+    _atomic_write_bytes(truth, "".join(json.dumps(r) + "\n" for r in ground_truth_records(world, base_url)).encode())
+    written["ground_truth"] = [truth]
+    (out / "eval").mkdir(exist_ok=True)
+    written["eval"] = []
+    for name, records in world.eval_splits.items():
+        path = out / "eval" / f"{name}.jsonl"
+        _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        written["eval"].append(path)
+    return written
