@@ -1,0 +1,300 @@
+"""Typed configs of the MM-Interleaved model and its two presets.
+
+Every module takes one of these dataclasses and nothing global. The whole model's config is
+:class:`MMInterleavedConfig`; it serialises to JSON (``to_dict`` / ``from_dict``) and is written
+as ``config.json`` beside the weights.
+
+Presets:
+
+- :meth:`MMInterleavedConfig.tiny`: every component built from a config dict with random
+  initialisation (a few M parameters, CPU, seconds per step). Used by the tests and the embedded
+  default.
+- :meth:`MMInterleavedConfig.paper`: the paper's sizes (Tab. 9) with the frozen parts (CLIP ViT,
+  the LLM, Stable Diffusion's UNet/VAE/scheduler) loaded from *local* paths. No code path
+  downloads anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class MMFSConfig:
+    """Multi-Modal Feature Synchronizer hyper-parameters (one MMFS block)."""
+
+    num_heads: int = 16
+    """Attention heads M; ``hidden_size`` must be divisible by it."""
+    num_points: int = 8
+    """Sampling points P per head, image and level."""
+    hidden_size: int = 1024
+    """Width of the projected values (``M * head_dim``)."""
+    offset_init: float = 3.0
+    """Sampling offsets' bias is drawn from ``uniform(-offset_init, offset_init)`` (base pixels)."""
+    base_spatial_shape: int = 16
+    """Offsets are in pixels of a ``base x base`` map, i.e. the same normalised offset at every level."""
+    max_images: int = 50
+    """Largest relative image position with its own embedding (larger ones are clamped)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"MMFS hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_points < 1 or self.base_spatial_shape < 1 or self.max_images < 1:
+            raise ValueError("MMFS num_points, base_spatial_shape and max_images must be >= 1")
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver-style resampler: ``num_queries`` learned queries cross-attend to the inputs."""
+
+    num_queries: int = 64
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    output_init_std: float | None = None
+    """Std of the output projection's init (``None``: PyTorch default). The paper uses 1e-3 for
+    the visual tokens so that they start small next to the LLM's word embeddings."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"resampler hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclass
+class VisionConfig:
+    """Image tokenizer: frozen open_clip ViT -> feature pyramid -> resampler -> visual tokens."""
+
+    clip_model: str | dict[str, Any] = "ViT-L-14"
+    """An open_clip model name (a shipped or ``open_clip.add_model_config`` config) or the config
+    dict itself (``{"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``)."""
+    clip_checkpoint: str | None = None
+    """Local open_clip state dict (``.safetensors``, ``.bin``, ``.pt``); ``None``: random init."""
+    pyramid_channels: int = 1024
+    """Channels of every pyramid level (the MMFS value input)."""
+    pyramid_scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
+    """Level sizes relative to the ViT patch grid, largest first."""
+    resampler: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(output_init_std=1e-3))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resampler, dict):
+            self.resampler = ResamplerConfig(**self.resampler)
+        self.pyramid_scales = tuple(float(s) for s in self.pyramid_scales)
+        for scale in self.pyramid_scales:
+            if scale not in (4.0, 2.0, 1.0, 0.5):
+                raise ValueError(f"pyramid scale {scale} is not one of 4, 2, 1, 0.5")
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.resampler.num_queries
+
+
+@dataclass
+class LanguageConfig:
+    """The MMFS-augmented causal LM."""
+
+    llm_config: dict[str, Any] | None = None
+    """A transformers config dict (with ``model_type``) to build a randomly initialised LLM."""
+    llm_path: str | None = None
+    """A local ``save_pretrained`` directory of any ``AutoModelForCausalLM`` (wins over ``llm_config``)."""
+    tokenizer_path: str | None = None
+    """Local tokenizer directory; defaults to ``llm_path``."""
+    freeze_llm: bool = True
+    """Freeze the base LLM (the paper). New tokens always get trainable embeddings and head rows."""
+    cross_attention_frequency: int = 4
+    """MMFS after the self-attention of every layer with ``index % frequency == 0``; 0 disables MMFS."""
+    mmfs: MMFSConfig = field(default_factory=MMFSConfig)
+    feature_levels: tuple[int, ...] = (1, 2, 3)
+    """Indices into the vision pyramid used by the LLM's MMFS (paper: 32², 16², 8²)."""
+    attention_module: str = "self_attn"
+    """Name of the self-attention submodule of each decoder layer."""
+    boi_token: str = "<|beginofimage|>"
+    image_token: str = "<|image|>"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mmfs, dict):
+            self.mmfs = MMFSConfig(**self.mmfs)
+        self.feature_levels = tuple(int(i) for i in self.feature_levels)
+        if self.llm_config is None and self.llm_path is None:
+            raise ValueError("LanguageConfig needs llm_config (random init) or llm_path (local weights)")
+        if self.cross_attention_frequency < 0:
+            raise ValueError("cross_attention_frequency must be >= 0")
+
+
+@dataclass
+class DecoderConfig:
+    """Diffusion image decoder: UNet + VAE + scheduler, a condition resampler and MMFS blocks."""
+
+    diffusion_path: str | None = None
+    """Local Stable-Diffusion-layout directory (``unet/``, ``vae/``, ``scheduler/``); wins over the dicts."""
+    unet_config: dict[str, Any] | None = None
+    vae_config: dict[str, Any] | None = None
+    scheduler_config: dict[str, Any] | None = None
+    condition: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(num_queries=77, num_layers=1))
+    """Maps LLM hidden states (document start .. ``<BoI>``) to the UNet's condition tokens."""
+    mmfs: MMFSConfig | None = field(default_factory=lambda: MMFSConfig(offset_init=1.0))
+    """MMFS on every down-block skip connection and the mid block; ``None``: no MMFS."""
+    feature_levels: tuple[int, ...] = (0, 1, 2, 3)
+    """Indices into the vision pyramid used by the UNet's MMFS (paper: 64²..8²)."""
+    condition_dropout: float = 0.1
+    """Probability of replacing the condition by the learned negative one in training (CFG)."""
+    freeze_unet: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.condition, dict):
+            self.condition = ResamplerConfig(**self.condition)
+        if isinstance(self.mmfs, dict):
+            self.mmfs = MMFSConfig(**self.mmfs)
+        self.feature_levels = tuple(int(i) for i in self.feature_levels)
+        if self.diffusion_path is None and (self.unet_config is None or self.vae_config is None):
+            raise ValueError("DecoderConfig needs diffusion_path or both unet_config and vae_config")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError("condition_dropout must be in [0, 1)")
+
+
+@dataclass
+class MMInterleavedConfig:
+    """The whole model."""
+
+    vision: VisionConfig
+    language: LanguageConfig
+    decoder: DecoderConfig
+    text_loss_weight: float = 1.0
+    image_loss_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.language, dict):
+            self.language = LanguageConfig(**self.language)
+        if isinstance(self.decoder, dict):
+            self.decoder = DecoderConfig(**self.decoder)
+        num_levels = len(self.vision.pyramid_scales)
+        for name, levels in (("language", self.language.feature_levels), ("decoder", self.decoder.feature_levels)):
+            if not levels or any(not 0 <= i < num_levels for i in levels):
+                raise ValueError(f"{name}.feature_levels {levels} must index the {num_levels} pyramid levels")
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.vision.num_visual_tokens
+
+    # serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MMInterleavedConfig":
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MMInterleavedConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # presets -------------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, num_visual_tokens: int = 8, vocab_size: int = 512, mmfs: bool = True) -> "MMInterleavedConfig":
+        """Random-init model with a few M parameters: 32-px images, a 4-layer LLM of width 64."""
+        clip = {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 16, "heads": 2, "layers": 1},
+        }
+        llm = {
+            "model_type": "llama",
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+        }
+        unet = {
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        }
+        vae = {
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "block_out_channels": [16, 32],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 32,
+        }
+        scheduler = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
+        mmfs_small = dict(num_heads=4, num_points=2, hidden_size=32, base_spatial_shape=4, max_images=8)
+        return cls(
+            vision=VisionConfig(
+                clip_model=clip,
+                pyramid_channels=32,
+                resampler=ResamplerConfig(num_queries=num_visual_tokens, hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=2.0, output_init_std=1e-3),
+            ),
+            language=LanguageConfig(
+                llm_config=llm,
+                freeze_llm=False,
+                cross_attention_frequency=2 if mmfs else 0,
+                mmfs=MMFSConfig(offset_init=1.0, **mmfs_small),
+                boi_token="<BoI>",
+                image_token="<image>",
+            ),
+            decoder=DecoderConfig(
+                unet_config=unet,
+                vae_config=vae,
+                scheduler_config=scheduler,
+                condition=ResamplerConfig(num_queries=16, hidden_size=32, num_layers=1, num_heads=2, mlp_ratio=2.0),
+                mmfs=MMFSConfig(offset_init=0.5, **mmfs_small) if mmfs else None,
+            ),
+        )
+
+    @classmethod
+    def paper(
+        cls,
+        llm_path: str,
+        diffusion_path: str,
+        clip_checkpoint: str | None,
+        clip_model: str | dict[str, Any] = "ViT-L-14",
+        tokenizer_path: str | None = None,
+        num_visual_tokens: int = 64,
+    ) -> "MMInterleavedConfig":
+        """Tab. 9: CLIP ViT-L/14 + Vicuna-13B + SD 2.1, all loaded from local paths."""
+        return cls(
+            vision=VisionConfig(
+                clip_model=clip_model,
+                clip_checkpoint=clip_checkpoint,
+                pyramid_channels=1024,
+                resampler=ResamplerConfig(num_queries=num_visual_tokens, hidden_size=768, num_layers=12, num_heads=12, output_init_std=1e-3),
+            ),
+            language=LanguageConfig(
+                llm_path=llm_path,
+                tokenizer_path=tokenizer_path,
+                freeze_llm=True,
+                cross_attention_frequency=4,
+                mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=3.0, base_spatial_shape=16),
+                feature_levels=(1, 2, 3),
+            ),
+            decoder=DecoderConfig(
+                diffusion_path=diffusion_path,
+                condition=ResamplerConfig(num_queries=77, hidden_size=1024, num_layers=1, num_heads=16),
+                mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=1.0, base_spatial_shape=16),
+                feature_levels=(0, 1, 2, 3),
+            ),
+        )

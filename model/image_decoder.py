@@ -1,0 +1,234 @@
+"""MMFS-augmented diffusion image decoder: diffusers UNet + AutoencoderKL + scheduler.
+
+- A Perceiver resampler maps the LLM's hidden states (document start .. ``<BoI>``, with 1-D
+  sin-cos positions) to the UNet's condition tokens (77 in the paper).
+- MMFS blocks give the UNet pixel-aligned access to the previous images of the document: one
+  block per down-block skip tensor and one on the mid block (queries = LayerNorm(pixel feature)
+  + 2-D sin-cos position, reference points = the pixel grid), each ending in a zero-initialised
+  1x1 convolution whose output is added to that skip connection only (ControlNet-style). They
+  enter through forward hooks on the UNet's blocks; the UNet's source is untouched. The hooks
+  read the current :class:`DecoderContext` from this module only inside
+  :meth:`ImageDecoder._mmfs_context` (a ``with`` block around one UNet call).
+- Classifier-free guidance: a learned negative condition replaces the condition with
+  probability ``condition_dropout`` in training and drives the unconditional branch when sampling.
+
+Where the release gives the UNet only the immediately preceding image, weft gives it every
+previous image of the document, weighted by the same joint softmax and relative position as the LLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import Tensor, nn
+
+from model.config import DecoderConfig, MMFSConfig
+from model.mmfs import MMFS, ImageFeatures, grid_reference_points, sincos_1d, sincos_2d
+from model.resampler import PerceiverResampler
+
+
+@dataclass
+class DecoderContext:
+    """Previous images each generated image may look at.
+
+    Attributes:
+        features: values ``(N, K, S, C)`` of K context-image slots (the decoder's pyramid levels).
+        visible: ``(N, K)`` bool.
+        relative_position: ``(N, K)`` int64, 1 = the immediately preceding image.
+    """
+
+    features: ImageFeatures
+    visible: Tensor
+    relative_position: Tensor
+
+    def repeat(self, times: int) -> "DecoderContext":
+        f = self.features
+        return DecoderContext(
+            ImageFeatures(f.values.repeat(times, 1, 1, 1), f.spatial_shapes, f.level_start_index),
+            self.visible.repeat(times, 1),
+            self.relative_position.repeat(times, 1),
+        )
+
+
+class SkipMMFS(nn.Module):
+    """MMFS on one UNet feature map, returning a zero-initialised residual for its skip connection."""
+
+    def __init__(self, config: MMFSConfig, channels: int, feature_dim: int, num_levels: int) -> None:
+        super().__init__()
+        self.query_norm = nn.LayerNorm(channels)
+        self.feature_norm = nn.LayerNorm(feature_dim)
+        self.mmfs = MMFS(config, channels, feature_dim, channels, num_levels)
+        self.zero_conv = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.zero_conv.weight)
+        nn.init.zeros_(self.zero_conv.bias)
+
+    def forward(self, feature: Tensor, context: DecoderContext) -> Tensor:
+        """``feature: (N, C, h, w)`` -> residual ``(N, C, h, w)``."""
+        n, c, h, w = feature.shape
+        query = self.query_norm(feature.flatten(2).transpose(1, 2)) + sincos_2d(h, w, c, feature.device).to(feature.dtype)
+        reference = grid_reference_points(h, w, feature.device)
+        f = context.features
+        features = ImageFeatures(self.feature_norm(f.values), f.spatial_shapes, f.level_start_index)
+        visible = context.visible[:, None, :].expand(n, h * w, -1)
+        relative = context.relative_position[:, None, :].expand(n, h * w, -1)
+        out = self.mmfs(query, reference, features, visible, relative)
+        return self.zero_conv(out.transpose(1, 2).reshape(n, c, h, w))
+
+
+def load_diffusion_components(config: DecoderConfig) -> tuple[UNet2DConditionModel, AutoencoderKL, dict]:
+    """UNet, VAE and scheduler config from a local directory or from config dicts (random init)."""
+    if config.diffusion_path is not None:
+        unet = UNet2DConditionModel.from_pretrained(config.diffusion_path, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(config.diffusion_path, subfolder="vae", local_files_only=True)
+        scheduler_config = dict(DDPMScheduler.load_config(config.diffusion_path, subfolder="scheduler", local_files_only=True))
+    else:
+        unet = UNet2DConditionModel.from_config(config.unet_config)
+        vae = AutoencoderKL.from_config(config.vae_config)
+        scheduler_config = dict(DDPMScheduler.from_config(config.scheduler_config or {}).config)
+    return unet, vae, scheduler_config
+
+
+class ImageDecoder(nn.Module):
+    """Generates an image from LLM context features and the document's previous images.
+
+    Args:
+        config: decoder config.
+        llm_hidden_size: width of the LLM hidden states used as condition.
+        feature_dim: channels of the image feature maps (vision pyramid).
+        num_levels: pyramid levels the MMFS blocks sample.
+    """
+
+    def __init__(self, config: DecoderConfig, llm_hidden_size: int, feature_dim: int, num_levels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.unet, self.vae, self.scheduler_config = load_diffusion_components(config)
+        self.vae.requires_grad_(False)
+        if config.freeze_unet:
+            self.unet.requires_grad_(False)
+        self.train_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        cross_dim = self.unet.config.cross_attention_dim
+        self.condition = PerceiverResampler(config.condition, llm_hidden_size, cross_dim)
+        self.negative_condition = nn.Parameter(torch.randn(config.condition.num_queries, cross_dim) * 0.02)
+        self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_size = (self.unet.config.sample_size * self.latent_scale,) * 2
+        self._context: DecoderContext | None = None
+
+        self.skip_mmfs = nn.ModuleList()
+        self.mid_mmfs: SkipMMFS | None = None
+        if config.mmfs is not None:
+            self._add_mmfs_hooks(config.mmfs, feature_dim, num_levels)
+
+    # MMFS hooks -----------------------------------------------------------------------------
+    def _add_mmfs_hooks(self, mmfs: MMFSConfig, feature_dim: int, num_levels: int) -> None:
+        for block in self.unet.down_blocks:
+            channels = [resnet.out_channels for resnet in block.resnets]
+            if getattr(block, "downsamplers", None) is not None:
+                channels += [down.out_channels for down in block.downsamplers]
+            start = len(self.skip_mmfs)
+            self.skip_mmfs.extend(SkipMMFS(mmfs, c, feature_dim, num_levels) for c in channels)
+            block.register_forward_hook(self._down_block_hook(start, len(channels)))
+        mid_channels = self.unet.config.block_out_channels[-1]
+        self.mid_mmfs = SkipMMFS(mmfs, mid_channels, feature_dim, num_levels)
+        self.unet.mid_block.register_forward_hook(self._mid_block_hook)
+
+    def _down_block_hook(self, start: int, count: int):
+        def hook(module, args, output):
+            if self._context is None:
+                return output
+            hidden, skips = output
+            if len(skips) != count:
+                raise RuntimeError(f"down block produced {len(skips)} skip tensors, expected {count}")
+            skips = tuple(s + self.skip_mmfs[start + i](s, self._context) for i, s in enumerate(skips))
+            return hidden, skips
+
+        return hook
+
+    def _mid_block_hook(self, module, args, output):
+        if self._context is None:
+            return output
+        return output + self.mid_mmfs(output, self._context)
+
+    @contextmanager
+    def _mmfs_context(self, context: DecoderContext | None) -> Iterator[None]:
+        self._context = context if self.mid_mmfs is not None else None
+        try:
+            yield
+        finally:
+            self._context = None
+
+    # condition ------------------------------------------------------------------------------
+    def encode_condition(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """LLM hidden states ``(N, W, D)`` with validity ``mask (N, W)`` -> condition ``(N, Q, cross_dim)``."""
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        embedding = sincos_1d(positions, self.config.condition.hidden_size)[None]
+        return self.condition(hidden, mask, embedding)
+
+    # latents --------------------------------------------------------------------------------
+    def encode_images(self, images: Tensor) -> Tensor:
+        """``(N, 3, H, W)`` in ``[0, 1]`` -> scaled latents (the VAE is frozen)."""
+        with torch.no_grad():
+            latents = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((images + 1) / 2).clamp(0, 1)
+
+    def unet_forward(self, latents: Tensor, timesteps: Tensor, condition: Tensor, context: DecoderContext | None) -> Tensor:
+        with self._mmfs_context(context):
+            return self.unet(latents, timesteps, encoder_hidden_states=condition).sample
+
+    # training -------------------------------------------------------------------------------
+    def loss(self, images: Tensor, condition: Tensor, context: DecoderContext | None) -> Tensor:
+        """Per-image diffusion loss ``(N,)`` for ``images (N, 3, H, W)`` in ``[0, 1]``."""
+        # 1. latents, noise, timesteps
+        latents = self.encode_images(images)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
+        # 2. classifier-free guidance dropout
+        if self.training and self.config.condition_dropout > 0:
+            drop = torch.rand(condition.shape[0], device=condition.device) < self.config.condition_dropout
+            condition = torch.where(drop[:, None, None], self.negative_condition.to(condition.dtype), condition)
+        # 3. noise prediction
+        prediction = self.unet_forward(noisy, timesteps, condition, context)
+        if self.train_scheduler.config.prediction_type == "v_prediction":
+            target = self.train_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+    # sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        condition: Tensor,
+        context: DecoderContext | None,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 30,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """DDIM sampling with classifier-free guidance -> images ``(N, 3, H, W)`` in ``[0, 1]``."""
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps, device=condition.device)
+        n = condition.shape[0]
+        shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        latents = torch.randn(shape, generator=generator, device=condition.device, dtype=condition.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        guided = guidance_scale != 1.0
+        if guided:
+            condition = torch.cat([self.negative_condition.to(condition.dtype).expand(n, -1, -1), condition])
+            context = None if context is None else context.repeat(2)
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            prediction = self.unet_forward(model_input, t.expand(model_input.shape[0]), condition, context)
+            if guided:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = scheduler.step(prediction, t, latents).prev_sample
+        return self.decode_latents(latents)
