@@ -1,0 +1,1 @@
+"""Evaluation datasets and metrics (no Dagster imports): captioning CIDEr, VQA accuracy, ..."""
