@@ -1,0 +1,89 @@
+"""Sample-world benchmarks end to end: an oracle scores perfectly, the tiny model runs every task."""
+
+import io
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.evaluation.sample_world_tasks import TASKS, evaluate_task, read_split
+from pipelines.sample_world import Scene, WorldConfig, caption, generate_world, render, write_metadata
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    world = generate_world(WorldConfig(seed=3, n_pairs=4, n_stories=2, n_eval=3))
+    out = tmp_path_factory.mktemp("world")
+    write_metadata(world, out, "http://127.0.0.1:1")
+    return world, out / "eval"
+
+
+def image_for(world):
+    return lambda image_id: Image.open(io.BytesIO(world.image_bytes(image_id))).convert("RGB")
+
+
+@dataclass
+class Output:
+    text: str
+    images: list = field(default_factory=list)
+
+
+class Oracle:
+    """Answers from the world's ground truth: the upper bound every score must reach."""
+
+    def __init__(self, eval_dir):
+        self.captions = {r["image_id"]: r["references"][0] for r in read_split(eval_dir, "captioning")}
+        self.t2i = {r["prompt"].lower(): Scene.from_dict(r["scene"]) for r in read_split(eval_dir, "text_to_image")}
+
+    def __call__(self, prompt):
+        if isinstance(prompt[-1], str) and prompt[-1].endswith("<BoI>") and len(prompt) == 1:
+            return Output("", [render(self.t2i[prompt[0][: -len(" <BoI>")]], 64)])
+        return Output("", [])
+
+
+def test_oracle_text_to_image_scores_one(world_dir):
+    world, eval_dir = world_dir
+    result = evaluate_task("text_to_image", Oracle(eval_dir), eval_dir, image_for(world))
+    assert result.metrics == {"attribute_accuracy": 1.0} and result.count == 3
+
+
+def test_captioning_scores_reference_captions_perfectly(world_dir):
+    world, eval_dir = world_dir
+    references = {r["image_id"]: r["references"][0] for r in read_split(eval_dir, "captioning")}
+    scenes = {sid: caption(s) for sid, s in world.eval_scenes.items()}
+    assert all(references[i] == scenes[i] for i in references)
+
+    def by_image(prompt):
+        image = prompt[0]
+        match = next(i for i in references if image.tobytes() == image_for(world)(i).tobytes())
+        return Output(references[match])
+
+    result = evaluate_task("captioning", by_image, eval_dir, image_for(world))
+    assert result.metrics["exact_match"] == 1.0 and result.metrics["cider"] > 0
+
+
+def test_every_task_runs_on_the_tiny_model(world_dir):
+    from model.config import MMInterleavedConfig
+    from model.mm_interleaved import MMInterleaved
+    from model.tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = MMInterleaved.from_config(MMInterleavedConfig.tiny(), tokenizer=tiny_tokenizer()).eval()
+    world, eval_dir = world_dir
+    for task in TASKS:
+        result = evaluate_task(
+            task, model.generate, eval_dir, image_for(world), limit=1, max_new_tokens=4, num_inference_steps=2
+        )
+        assert result.count == 1 and result.examples
+        assert all(0.0 <= v for v in result.metrics.values()), (task, result.metrics)
+        if task in ("text_to_image", "seg_to_image", "story_continuation"):
+            assert result.examples[0]["images"], f"{task}: no image generated"
+
+
+def test_unknown_task_and_bad_split_lines(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate_task("poetry", Oracle, tmp_path, lambda i: None)
+    (tmp_path / "vqa.jsonl").write_text('{"image_id": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"vqa.jsonl:2"):
+        read_split(tmp_path, "vqa")
