@@ -1,0 +1,156 @@
+"""Reading packed-sequence shards for training: a webdataset pipeline and a collate to the model batch.
+
+Stages (:func:`sequence_dataset`), in webdataset's order:
+
+1. shard list: the shard URLs in a seeded order that changes each epoch and is the same on every
+   rank (``detshuffle``), or, with ``resampled=True``, an endless per-worker resampling of shards
+   (the multi-node recipe: combine with ``epoch_samples``);
+2. ``split_by_node`` then ``split_by_worker`` (not when resampling), so ranks × workers read
+   disjoint shards;
+3. tar → samples, a sample shuffle buffer, then decode (shuffling before decode keeps the buffer
+   small: encoded bytes, not tensors);
+4. per sample: ``input_ids``, ``cu_seqlens``, its JSON and the images as ``(3, H, W)`` tensors.
+
+:func:`collate_sequences` pads a list of those into :class:`model.batch.InterleavedBatch`
+(``document_ids`` from ``cu_seqlens``, ``-1`` on padding; images in row-major ``<BoI>`` order).
+Rank and world size come from ``torch.distributed`` or the ``RANK``/``WORLD_SIZE`` environment,
+as webdataset reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from model.batch import InterleavedBatch, image_to_tensor
+
+
+def _decode_sample(sample: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
+    info = sample["json"]
+    if isinstance(info, (bytes, bytearray)):
+        info = json.loads(info)
+    ext = info.get("image_ext", "jpg")
+    images = []
+    for i in range(info["num_images"]):
+        data = sample[f"{i:03d}.{ext}"]
+        images.append(image_to_tensor(Image.open(io.BytesIO(data)), image_size))
+    return {
+        "__key__": sample["__key__"],
+        "__url__": sample.get("__url__"),
+        "input_ids": torch.from_numpy(np.load(io.BytesIO(sample["input_ids.npy"])).astype(np.int64)),
+        "cu_seqlens": torch.from_numpy(np.load(io.BytesIO(sample["cu_seqlens.npy"])).astype(np.int64)),
+        "info": info,
+        "images": images,
+    }
+
+
+def sequence_dataset(
+    urls: str | Sequence[str],
+    *,
+    image_size: tuple[int, int],
+    resampled: bool = False,
+    shuffle_buffer: int = 256,
+    seed: int = 0,
+    epoch_samples: int | None = None,
+    handler=wds.reraise_exception,
+) -> wds.DataPipeline:
+    """Decoded packed sequences, one dict per sample (see the module docstring).
+
+    ``epoch_samples`` bounds an epoch per worker (``with_epoch``); required with ``resampled``.
+    """
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    if not urls:
+        raise ValueError("no shard URLs")
+    if resampled:
+        if epoch_samples is None:
+            raise ValueError("resampled=True reads forever: set epoch_samples")
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),
+                  wds.split_by_node, wds.split_by_worker]
+    stages += [wds.tarfile_to_samples(handler=handler)]
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed))
+    stages.append(wds.map(functools.partial(_decode_sample, image_size=tuple(image_size)), handler=handler))
+    pipeline = wds.DataPipeline(*stages)
+    if epoch_samples is not None:
+        pipeline = pipeline.with_epoch(epoch_samples)
+    return pipeline
+
+
+def collate_sequences(samples: Sequence[dict[str, Any]], *, pad_token_id: int, pad_to: int | None = None,
+                      image_size: tuple[int, int] | None = None) -> InterleavedBatch:
+    """Pad decoded samples to ``pad_to`` (default: the longest) into an :class:`InterleavedBatch`."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(int(s["input_ids"].shape[0]) for s in samples)
+    if pad_to is not None:
+        if pad_to < length:
+            raise ValueError(f"a sequence of {length} tokens does not fit pad_to={pad_to}")
+        length = pad_to
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    document_ids = torch.full((len(samples), length), -1, dtype=torch.long)
+    images: list[torch.Tensor] = []
+    next_doc = 0
+    for row, sample in enumerate(samples):
+        ids, cu = sample["input_ids"], sample["cu_seqlens"]
+        input_ids[row, : ids.shape[0]] = ids
+        segment_lengths = (cu[1:] - cu[:-1])
+        document_ids[row, : ids.shape[0]] = torch.repeat_interleave(
+            torch.arange(next_doc, next_doc + segment_lengths.shape[0]), segment_lengths)
+        next_doc += segment_lengths.shape[0]
+        images.extend(sample["images"])
+    if images:
+        stacked = torch.stack(images)
+    else:
+        h, w = image_size if image_size is not None else (1, 1)
+        stacked = torch.zeros((0, 3, h, w))
+    return InterleavedBatch(input_ids=input_ids, document_ids=document_ids, images=stacked)
+
+
+def make_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    image_size: tuple[int, int],
+    pad_token_id: int,
+    num_workers: int = 0,
+    pad_to: int | None = None,
+    resampled: bool = False,
+    shuffle_buffer: int = 256,
+    seed: int = 0,
+    epoch_samples: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of :class:`InterleavedBatch` es; batching happens in the workers."""
+    collate = functools.partial(collate_sequences, pad_token_id=pad_token_id, pad_to=pad_to, image_size=image_size)
+    dataset = sequence_dataset(urls, image_size=image_size, resampled=resampled, shuffle_buffer=shuffle_buffer,
+                               seed=seed, epoch_samples=epoch_samples)
+    dataset = dataset.compose(wds.batched(batch_size, collation_fn=collate, partial=True))
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False)
+
+
+def bench_loader(urls: Sequence[str], *, image_size: tuple[int, int], pad_token_id: int, batch_size: int = 8,
+                 num_workers: int = 0, repeats: int = 1) -> dict[str, float]:
+    """Samples/s and tokens/s through :func:`make_loader` over ``urls`` (best of ``repeats`` epochs)."""
+    best = float("inf")
+    samples = tokens = 0
+    for _ in range(repeats):
+        loader = make_loader(urls, batch_size=batch_size, image_size=image_size, pad_token_id=pad_token_id,
+                             num_workers=num_workers, shuffle_buffer=64)
+        start = time.perf_counter()
+        samples = tokens = 0
+        for batch in loader:
+            samples += batch.input_ids.shape[0]
+            tokens += int((batch.document_ids >= 0).sum())
+        best = min(best, time.perf_counter() - start)
+    return {"samples": samples, "seconds": best, "samples_per_s": samples / best, "tokens_per_s": tokens / best}

@@ -1,0 +1,432 @@
+"""Tokenization and packing: normalized documents -> sequences of at most ``max_length`` tokens.
+
+Two stages, each a generator over records:
+
+1. :func:`tokenize_documents` turns a document into a :class:`TokenizedDocument`: ``<s>`` text
+   ``</s>`` with every image as ``<BoI>`` + N placeholders, plus the positions where the document
+   may be split (between sentence units). A *sentence unit* is one sentence with the images
+   matched to it; each image is placed before its sentence or, with probability
+   ``image_after_probability`` (½, the paper's rule), after it. Pairs put the image first with
+   probability ``pair_image_first_probability`` (½) and lowercase the caption. Randomness comes
+   from an RNG seeded by ``(seed, doc_id)``, so a document is tokenized the same way whatever
+   shard, worker or order it is processed in.
+2. :func:`pack_tokenized` concatenates documents greedily into :class:`PackedSequence` s. A document
+   that fits in the current sequence is appended; one that fits in an empty sequence starts a new
+   one; a longer one is split at sentence-unit boundaries, filling the current sequence first.
+   Only a single sentence unit longer than a whole sequence is cut inside, at a token that is not
+   part of an image (counted in :attr:`PackingStats.forced_splits`). An image's ``<BoI>`` and its
+   N placeholders are never separated (the paper's "a BoI in the last 64 tokens moves to the next
+   sequence"). ``<s>`` only starts a document's first part and ``</s>`` only ends its last part.
+
+Each sequence stores its token ids, the images' encoded bytes (one per ``<BoI>``, in order) and
+its document boundaries as ``cu_seqlens`` (0, end of part 1, ..., length) with the document id
+and part number of each segment, which is what :mod:`pipelines.loader` turns into the model's
+``document_ids``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipelines.documents import IMAGE_STATUS_OK
+from pipelines.errors import BadRecord, Handler, warn_and_continue
+from pipelines.tokenizer import TokenIds, token_ids
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    """How documents become sequences. Written into the shards' index as metadata."""
+
+    max_length: int = 2048
+    """Tokens per sequence (the paper: 2048)."""
+    num_image_tokens: int = 64
+    """Placeholders per image: the model's visual tokens (``MMInterleavedConfig.num_visual_tokens``)."""
+    image_after_probability: float = 0.5
+    """Interleaved documents: probability that an image goes right after its sentence instead of before."""
+    pair_image_first_probability: float = 0.5
+    """Pairs: probability that the image comes before the caption."""
+    lowercase_pair_captions: bool = True
+    pair_caption: str = "original"
+    """``original`` (the source text) or ``blip2`` (the recaption, where one exists)."""
+    seed: int = 0
+    tokenize_batch_documents: int = 256
+    """Documents tokenized per call into the (Rust) tokenizer."""
+
+    def __post_init__(self) -> None:
+        if self.num_image_tokens < 1:
+            raise ValueError("num_image_tokens must be >= 1")
+        if self.max_length < self.num_image_tokens + 3:
+            raise ValueError(f"max_length {self.max_length} cannot hold one image (<s> <BoI> + {self.num_image_tokens} + </s>)")
+        for name in ("image_after_probability", "pair_image_first_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+        if self.pair_caption not in ("original", "blip2"):
+            raise ValueError(f"pair_caption must be 'original' or 'blip2', got {self.pair_caption!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TokenizedDocument:
+    """One document as tokens.
+
+    Attributes:
+        doc_id: the normalized document's id.
+        tokens: the whole document, ``<s>`` ... ``</s>``.
+        images: encoded image bytes, one per ``<BoI>`` in ``tokens``, in order.
+        image_starts: position of each ``<BoI>`` in ``tokens``.
+        breaks: sorted positions where a part may start/end (sentence-unit boundaries), with 0 and
+            ``len(tokens)``.
+        kind: ``interleaved`` or ``pair``.
+    """
+
+    doc_id: str
+    tokens: list[int]
+    images: list[bytes]
+    image_starts: list[int]
+    breaks: list[int]
+    kind: str = "interleaved"
+
+
+@dataclass
+class PackedSequence:
+    """One packed sequence (unpadded).
+
+    Attributes:
+        input_ids: ``(T,)`` int32, ``T <= max_length``.
+        cu_seqlens: ``(D + 1,)`` int32, segment boundaries (0, ..., T); one segment per document part.
+        doc_ids: ``D`` document ids.
+        parts: ``D`` part numbers (0 for a document's first part).
+        offsets: ``D`` positions of each segment's first token in its document's token stream.
+        images: encoded bytes, one per ``<BoI>`` in row order.
+        kinds: ``D`` document kinds (``interleaved`` | ``pair``).
+    """
+
+    input_ids: np.ndarray
+    cu_seqlens: np.ndarray
+    doc_ids: list[str]
+    parts: list[int]
+    offsets: list[int]
+    images: list[bytes]
+    kinds: list[str]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to_sample(self, key: str, image_ext: str = "jpg") -> dict[str, Any]:
+        """A WebDataset sample: ``KEY.input_ids.npy``, ``KEY.cu_seqlens.npy``, ``KEY.json`` and
+        ``KEY.NNN.<image_ext>`` per image (raw bytes, decoded by extension on read)."""
+        if "." in key:
+            raise ValueError(f"WebDataset keys may not contain dots: {key!r}")
+        sample: dict[str, Any] = {
+            "__key__": key,
+            "input_ids.npy": self.input_ids,
+            "cu_seqlens.npy": self.cu_seqlens,
+            "json": {"doc_ids": self.doc_ids, "parts": self.parts, "offsets": self.offsets, "kinds": self.kinds,
+                     "num_images": len(self.images), "image_ext": image_ext},
+        }
+        for i, data in enumerate(self.images):
+            sample[f"{i:03d}.{image_ext}"] = data
+        return sample
+
+
+@dataclass
+class PackingStats:
+    """Counts for the asset's metadata (and the benchmark)."""
+
+    documents: int = 0
+    documents_skipped: int = 0
+    sequences: int = 0
+    text_tokens: int = 0
+    image_tokens: int = 0
+    images: int = 0
+    images_missing: int = 0
+    split_documents: int = 0
+    forced_splits: int = 0
+    padding_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.text_tokens + self.image_tokens
+
+
+# 1. tokenize ------------------------------------------------------------------------------------
+def _document_rng(seed: int, doc_id: str) -> random.Random:
+    return random.Random(f"{seed}:{doc_id}")
+
+
+def _image_bytes(element: dict[str, Any], images: Mapping[str, bytes]) -> bytes | None:
+    if element.get("status") not in (None, IMAGE_STATUS_OK):
+        return None
+    for name in ("key", "url"):
+        value = element.get(name)
+        if value is not None and value in images:
+            return images[value]
+    return None
+
+
+def _layout(document: dict[str, Any], config: PackingConfig, images: Mapping[str, bytes],
+            recaptions: Mapping[str, str] | None, stats: PackingStats,
+            handler: Handler) -> list[tuple[list[bytes], str | None, list[bytes]]] | None:
+    """The document as sentence units ``(images before, text, images after)``, images resolved to bytes."""
+    rng = _document_rng(config.seed, document["doc_id"])
+    resolved: list[tuple[str, Any]] = []
+    for index, element in enumerate(document["elements"]):
+        if element["type"] == "text":
+            resolved.append(("text", element["text"] or ""))
+            continue
+        data = _image_bytes(element, images)
+        if data is None:
+            stats.images_missing += 1
+            handler(BadRecord(document["doc_id"], index, f"image not available (status={element.get('status')}, key={element.get('key')})"))
+            continue
+        resolved.append(("image", data))
+    if not any(kind == "image" for kind, _ in resolved) and not any(text for kind, text in resolved):
+        return None
+    if document["kind"] == "pair":
+        texts = [value for kind, value in resolved if kind == "text"]
+        pictures = [value for kind, value in resolved if kind == "image"]
+        caption = " ".join(texts)
+        if config.pair_caption == "blip2" and recaptions is not None and document["doc_id"] in recaptions:
+            caption = recaptions[document["doc_id"]]
+        if config.lowercase_pair_captions:
+            caption = caption.lower()
+        if rng.random() < config.pair_image_first_probability:
+            return [(pictures, caption, [])]
+        return [([], caption, pictures)]
+    units: list[tuple[list[bytes], str | None, list[bytes]]] = []
+    pending: list[bytes] = []
+    for kind, value in resolved:
+        if kind == "image":
+            pending.append(value)
+            continue
+        before, after = [], []
+        for data in pending:
+            (after if rng.random() < config.image_after_probability else before).append(data)
+        units.append((before, value, after))
+        pending = []
+    if pending:
+        units.append((pending, None, []))
+    return units
+
+
+def tokenize_documents(
+    documents: Iterable[dict[str, Any]],
+    tokenizer,
+    config: PackingConfig = PackingConfig(),
+    *,
+    images: Mapping[str, bytes],
+    recaptions: Mapping[str, str] | None = None,
+    ids: TokenIds | None = None,
+    stats: PackingStats | None = None,
+    handler: Handler = warn_and_continue,
+) -> Iterator[TokenizedDocument]:
+    """Tokenize documents (see the module docstring). ``images`` maps an element's download ``key``
+    (or its ``url``) to encoded bytes; an image without bytes or with a failed status is left out
+    and reported to ``handler``. ``recaptions`` maps pair ``doc_id`` to a BLIP-2 caption, used when
+    ``config.pair_caption == "blip2"``. ``tokenizer`` is a Hugging Face fast tokenizer."""
+    ids = ids or token_ids(tokenizer)
+    stats = stats if stats is not None else PackingStats()
+    backend = tokenizer.backend_tokenizer
+    batch: list[tuple[dict[str, Any], list]] = []
+    for document in documents:
+        units = _layout(document, config, images, recaptions, stats, handler)
+        if units is None:
+            stats.documents_skipped += 1
+            handler(BadRecord(document["doc_id"], -1, "document has neither text nor available images"))
+            continue
+        batch.append((document, units))
+        if len(batch) >= config.tokenize_batch_documents:
+            yield from _tokenize_batch(batch, backend, config, ids, stats)
+            batch = []
+    if batch:
+        yield from _tokenize_batch(batch, backend, config, ids, stats)
+
+
+def _tokenize_batch(batch, backend, config: PackingConfig, ids: TokenIds, stats: PackingStats) -> Iterator[TokenizedDocument]:
+    texts = [text for _, units in batch for _, text, _ in units if text]
+    encoded = iter(backend.encode_batch_fast(texts, add_special_tokens=False)) if texts else iter(())
+    image_block = [ids.boi] + [ids.image] * config.num_image_tokens
+    block = len(image_block)
+    for document, units in batch:
+        tokens = [ids.bos]
+        pictures: list[bytes] = []
+        starts: list[int] = []
+        breaks = [0]
+        for before, text, after in units:
+            for data in before:
+                starts.append(len(tokens))
+                tokens.extend(image_block)
+                pictures.append(data)
+            if text:
+                text_ids = next(encoded).ids
+                tokens.extend(text_ids)
+                stats.text_tokens += len(text_ids)
+            for data in after:
+                starts.append(len(tokens))
+                tokens.extend(image_block)
+                pictures.append(data)
+            breaks.append(len(tokens))
+        tokens.append(ids.eos)
+        breaks[-1] = len(tokens)  # </s> belongs to the last unit
+        stats.text_tokens += 2
+        stats.image_tokens += block * len(pictures)
+        stats.images += len(pictures)
+        stats.documents += 1
+        yield TokenizedDocument(document["doc_id"], tokens, pictures, starts, breaks, document["kind"])
+
+
+# 2. pack ----------------------------------------------------------------------------------------
+class _Builder:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.cu = [0]
+        self.doc_ids: list[str] = []
+        self.parts: list[int] = []
+        self.offsets: list[int] = []
+        self.images: list[bytes] = []
+        self.kinds: list[str] = []
+
+    def add(self, doc: TokenizedDocument, start: int, end: int, part: int) -> None:
+        self.tokens.extend(doc.tokens[start:end])
+        self.cu.append(len(self.tokens))
+        self.doc_ids.append(doc.doc_id)
+        self.parts.append(part)
+        self.offsets.append(start)
+        self.kinds.append(doc.kind)
+        lo = bisect.bisect_left(doc.image_starts, start)
+        hi = bisect.bisect_left(doc.image_starts, end)
+        self.images.extend(doc.images[lo:hi])
+
+    def build(self) -> PackedSequence:
+        return PackedSequence(np.asarray(self.tokens, dtype=np.int32), np.asarray(self.cu, dtype=np.int32),
+                              self.doc_ids, self.parts, self.offsets, self.images, self.kinds)
+
+
+def _forced_cut(doc: TokenizedDocument, start: int, limit: int, block: int) -> int:
+    """The furthest cut ``<= limit`` after ``start`` that does not fall inside an image block."""
+    cut = limit
+    i = bisect.bisect_right(doc.image_starts, cut) - 1
+    if i >= 0 and doc.image_starts[i] < cut < doc.image_starts[i] + block:
+        cut = doc.image_starts[i]
+    if cut <= start:
+        raise ValueError(f"cannot fit an image of {block} tokens in a sequence (document {doc.doc_id})")
+    return cut
+
+
+def pack_tokenized(
+    documents: Iterable[TokenizedDocument],
+    config: PackingConfig = PackingConfig(),
+    *,
+    stats: PackingStats | None = None,
+) -> Iterator[PackedSequence]:
+    """Greedy packing into sequences of at most ``config.max_length`` tokens (see module docstring)."""
+    stats = stats if stats is not None else PackingStats()
+    max_length = config.max_length
+    block = config.num_image_tokens + 1
+    current = _Builder()
+
+    def flush() -> Iterator[PackedSequence]:
+        nonlocal current
+        if current.tokens:
+            sequence = current.build()
+            stats.sequences += 1
+            stats.padding_tokens += max_length - len(sequence)
+            yield sequence
+        current = _Builder()
+
+    for doc in documents:
+        n = len(doc.tokens)
+        free = max_length - len(current.tokens)
+        if n <= free:
+            current.add(doc, 0, n, 0)
+            continue
+        if n <= max_length:
+            yield from flush()
+            current.add(doc, 0, n, 0)
+            continue
+        stats.split_documents += 1
+        start, part = 0, 0
+        while start < n:
+            free = max_length - len(current.tokens)
+            limit = start + free
+            if limit >= n:
+                current.add(doc, start, n, part)
+                break
+            end = doc.breaks[bisect.bisect_right(doc.breaks, limit) - 1]
+            if end <= start:
+                if current.tokens:  # the next unit does not fit here: continue in a new sequence
+                    yield from flush()
+                    continue
+                end = _forced_cut(doc, start, limit, block)
+                stats.forced_splits += 1
+            current.add(doc, start, end, part)
+            start, part = end, part + 1
+            yield from flush()
+    yield from flush()
+
+
+def pack_documents(
+    documents: Iterable[dict[str, Any]],
+    tokenizer,
+    config: PackingConfig = PackingConfig(),
+    *,
+    images: Mapping[str, bytes],
+    recaptions: Mapping[str, str] | None = None,
+    stats: PackingStats | None = None,
+    handler: Handler = warn_and_continue,
+) -> Iterator[PackedSequence]:
+    """Normalized documents -> packed sequences: :func:`tokenize_documents` then :func:`pack_tokenized`.
+    ``stats`` (if given) is filled as the generator runs; ``stats.seconds`` is the wall time spent."""
+    stats = stats if stats is not None else PackingStats()
+    tokenized = tokenize_documents(documents, tokenizer, config, images=images, recaptions=recaptions,
+                                   stats=stats, handler=handler)
+    packed = pack_tokenized(tokenized, config, stats=stats)
+    while True:
+        start = time.perf_counter()
+        try:
+            sequence = next(packed)
+        except StopIteration:
+            stats.seconds += time.perf_counter() - start
+            return
+        stats.seconds += time.perf_counter() - start
+        yield sequence
+
+
+def unpack(sequences: Iterable[PackedSequence], boi_id: int) -> dict[str, tuple[list[int], list[bytes]]]:
+    """Reassemble every document's tokens and images from its parts (for integrity checks and tests).
+
+    Raises ``ValueError`` when a document's parts are not numbered 0..k-1 or do not follow each other."""
+    pieces: dict[str, list[tuple[int, int, list[int], list[bytes]]]] = {}
+    for sequence in sequences:
+        image_index = 0
+        for d, doc_id in enumerate(sequence.doc_ids):
+            segment = sequence.input_ids[sequence.cu_seqlens[d]: sequence.cu_seqlens[d + 1]]
+            count = int((segment == boi_id).sum())
+            pieces.setdefault(doc_id, []).append((sequence.parts[d], sequence.offsets[d], segment.tolist(),
+                                                  sequence.images[image_index: image_index + count]))
+            image_index += count
+        if image_index != len(sequence.images):
+            raise ValueError(f"sequence has {len(sequence.images)} images but {image_index} <BoI> tokens")
+    out = {}
+    for doc_id, found in pieces.items():
+        found.sort(key=lambda p: p[0])
+        if [p[0] for p in found] != list(range(len(found))):
+            raise ValueError(f"document {doc_id} has parts {[p[0] for p in found]}")
+        tokens: list[int] = []
+        for _, offset, segment, _ in found:
+            if offset != len(tokens):
+                raise ValueError(f"document {doc_id}: a part starts at {offset}, expected {len(tokens)}")
+            tokens.extend(segment)
+        out[doc_id] = (tokens, [i for p in found for i in p[3]])
+    return out

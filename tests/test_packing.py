@@ -1,0 +1,162 @@
+import functools
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipelines.documents import image_element, make_document, text_element
+from pipelines.errors import BadRecordLog
+from pipelines.packing import PackingConfig, PackingStats, pack_documents, pack_tokenized, tokenize_documents, unpack
+from pipelines.sample_world.world import WorldConfig, generate_world
+from pipelines.tokenizer import token_ids, train_tokenizer, world_texts
+from pipelines.world_data import world_documents, world_images
+
+WORDS = "a the red blue green small large circle square triangle moves turns to at left right top bottom center digit".split()
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    return train_tokenizer(world_texts(generate_world(WorldConfig(seed=0, n_pairs=60, n_stories=10))))
+
+
+def _document(draw_ints, doc_index, rng):
+    """A random interleaved document: sentences of 0..80 words, 0..4 images per sentence."""
+    n_sentences = draw_ints
+    elements = []
+    for s in range(n_sentences):
+        for _ in range(rng.choice([0, 0, 0, 1, 1, 2, 4])):
+            key = f"d{doc_index}i{len(elements)}"
+            element = image_element(f"http://x/{key}.jpg", matched_text_index=s)
+            element.update(key=key, status="ok")
+            elements.append(element)
+        elements.append(text_element(" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 80))), s))
+    return make_document(doc_id=f"doc{doc_index}", source="test", kind="interleaved", elements=elements)
+
+
+def _check(sequences, tokenized, config, ids, stats):
+    by_id = {doc.doc_id: doc for doc in tokenized}
+    block = config.num_image_tokens + 1
+    for seq in sequences:
+        assert 0 < len(seq) <= config.max_length
+        cu = seq.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == len(seq) and all(a < b for a, b in zip(cu, cu[1:]))
+        assert len(seq.doc_ids) == len(seq.parts) == len(seq.offsets) == len(cu) - 1
+        # no image is split: every <BoI> has its N placeholders right after it, inside its segment
+        bois = np.flatnonzero(seq.input_ids == ids.boi)
+        assert len(bois) == len(seq.images)
+        assert int((seq.input_ids == ids.image).sum()) == len(bois) * config.num_image_tokens
+        for position in bois:
+            segment = np.searchsorted(cu, position, side="right") - 1
+            assert position + block <= cu[segment + 1]
+            assert (seq.input_ids[position + 1: position + block] == ids.image).all()
+        # boundaries: <s> starts exactly the first parts, parts start at allowed breaks
+        for d, (doc_id, part, offset) in enumerate(zip(seq.doc_ids, seq.parts, seq.offsets)):
+            first = int(seq.input_ids[cu[d]])
+            assert (first == ids.bos) == (part == 0) == (offset == 0)
+            assert ids.eos not in seq.input_ids[cu[d]: cu[d + 1] - 1].tolist()
+            if stats.forced_splits == 0:
+                assert offset in by_id[doc_id].breaks
+    # every token and image exactly once, in order
+    rebuilt = unpack(sequences, ids.boi)
+    assert set(rebuilt) == set(by_id)
+    for doc_id, (tokens, images) in rebuilt.items():
+        assert tokens == by_id[doc_id].tokens
+        assert images == by_id[doc_id].images
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    n_docs=st.integers(1, 12),
+    max_length=st.integers(40, 400),
+    num_image_tokens=st.integers(1, 24),
+    after=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_packing_properties(seed, n_docs, max_length, num_image_tokens, after):
+    rng = random.Random(seed)
+    documents = [_document(rng.randint(1, 8), i, rng) for i in range(n_docs)]
+    images = {e["key"]: e["key"].encode() for d in documents for e in d["elements"] if e["type"] == "image"}
+    config = PackingConfig(max_length=max_length, num_image_tokens=num_image_tokens, image_after_probability=after, seed=seed)
+    tok = tokenizer()
+    ids = token_ids(tok)
+    stats = PackingStats()
+    tokenized = list(tokenize_documents(documents, tok, config, images=images, stats=stats))
+    sequences = list(pack_tokenized(tokenized, config, stats=stats))
+    _check(sequences, tokenized, config, ids, stats)
+    assert stats.images == len(images) and stats.images_missing == 0
+    assert sum(len(s) for s in sequences) == stats.tokens == sum(len(d.tokens) for d in tokenized)
+    # deterministic given the seed
+    again = list(pack_documents(documents, tok, config, images=images))
+    assert [s.input_ids.tolist() for s in again] == [s.input_ids.tolist() for s in sequences]
+    assert [s.cu_seqlens.tolist() for s in again] == [s.cu_seqlens.tolist() for s in sequences]
+    assert [s.images for s in again] == [s.images for s in sequences]
+
+
+def test_world_documents_pack_into_2048():
+    world = generate_world(WorldConfig(seed=1, n_pairs=60, n_stories=12))
+    documents = world_documents(world)
+    images = world_images(world)
+    tok = tokenizer()
+    ids = token_ids(tok)
+    config = PackingConfig(seed=3)
+    stats = PackingStats()
+    tokenized = list(tokenize_documents(documents, tok, config, images=images, stats=stats))
+    sequences = list(pack_tokenized(tokenized, config, stats=stats))
+    _check(sequences, tokenized, config, ids, stats)
+    assert stats.documents == len(documents) and stats.images == len(images)
+    assert max(len(s) for s in sequences) <= 2048
+    assert stats.padding_tokens / (stats.sequences * 2048) < 0.2  # greedy packing fills sequences
+    # pairs: the caption is lowercased; the image is first about half of the time
+    pair_docs = [d for d in tokenized if d.kind == "pair"]
+    first = sum(d.tokens[1] == ids.boi for d in pair_docs)
+    assert 0.25 < first / len(pair_docs) < 0.75
+
+
+def test_image_placement_is_seeded_and_fair():
+    tok = tokenizer()
+    ids = token_ids(tok)
+    elements = []
+    for s in range(200):
+        element = image_element(f"http://x/{s}.jpg", matched_text_index=s)
+        element.update(key=str(s), status="ok")
+        elements += [element, text_element(f"the red circle {s}", s)]
+    document = make_document(doc_id="long", source="test", kind="interleaved", elements=elements)
+    images = {str(s): str(s).encode() for s in range(200)}
+
+    def placements(seed):
+        doc = next(tokenize_documents([document], tok, PackingConfig(seed=seed), images=images))
+        # for each sentence unit: does it start with <BoI> (image before its sentence)?
+        starts = doc.breaks[:-1]
+        return [doc.tokens[b + (1 if b == 0 else 0)] == ids.boi for b in starts]
+
+    a, b = placements(0), placements(0)
+    assert a == b
+    assert 0.4 < sum(a) / len(a) < 0.6
+    assert placements(1) != a
+
+
+def test_long_sentence_is_cut_outside_images_and_missing_images_are_reported():
+    tok = tokenizer()
+    ids = token_ids(tok)
+    big = make_document(doc_id="big", source="test", kind="interleaved", elements=[
+        text_element(" ".join(["red"] * 300), 0)])
+    image = image_element("http://x/gone.jpg", matched_text_index=0)
+    image.update(key="gone", status="failed_to_download")
+    with_missing = make_document(doc_id="m", source="test", kind="interleaved", elements=[image, text_element("a red circle", 0)])
+    log = BadRecordLog()
+    stats = PackingStats()
+    config = PackingConfig(max_length=64, num_image_tokens=8)
+    tokenized = list(tokenize_documents([big, with_missing], tok, config, images={}, stats=stats, handler=log))
+    sequences = list(pack_tokenized(tokenized, config, stats=stats))
+    _check(sequences, tokenized, config, ids, stats)
+    assert stats.forced_splits > 0 and stats.split_documents == 1
+    assert stats.images_missing == 1 and log.count == 1 and "failed_to_download" in log.records[0].reason
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError):
+        PackingConfig(max_length=10, num_image_tokens=64)
+    with pytest.raises(ValueError):
+        PackingConfig(pair_caption="other")
