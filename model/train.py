@@ -1,0 +1,529 @@
+"""Train MM-Interleaved on packed WebDataset shards with DeepSpeed, from one process to many nodes.
+
+One code path everywhere: ``python -m model.train --config cfg.json`` runs one process (it sets up
+a one-rank group itself); ``torchrun --nproc_per_node N -m model.train --config cfg.json`` or the
+``deepspeed`` launcher run N ranks per node. The backend is NCCL on GPUs and gloo on CPU; ZeRO's
+stage comes from the config. Reads top to bottom: config -> distributed setup -> data -> model ->
+optimizer/engine -> resume -> loop.
+
+A run folder holds ``train_config.json``, ``metrics.jsonl`` (rank 0: one JSON object per optimizer
+step, plus ``event`` records for skipped batches, checkpoints and resumes), ``samples/rank{r}.jsonl``
+(the sample keys each rank consumed, per micro-batch: data lineage) and ``checkpoints/`` (see
+:mod:`model.checkpoint`). Started again on the same folder, training resumes from the latest
+checkpoint: weights, optimizer, step (the schedule is a function of it), each rank's data position and RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from model.batch import InterleavedBatch
+from model.checkpoint import MODEL_DIR, TRAINER_STATE, latest_checkpoint, load_checkpoint, read_rank_state, save_checkpoint, set_rng_state
+from model.config import MMInterleavedConfig
+from model.schedule import SCHEDULES, lr_factor
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METRICS = "metrics.jsonl"
+
+
+# -------------------------------------------------------------------------------------------------
+# config
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; written to ``{run_dir}/train_config.json``."""
+
+    run_dir: str
+    """Folder for checkpoints, metrics and sample logs; a run started on a folder with a checkpoint resumes."""
+    shards: str | list[str]
+    """A shard folder with ``index.json`` (``pipelines.shards``) or a list of shard paths/URLs."""
+    tokenizer: str | None = None
+    """Local tokenizer folder; ``None``: the model config's ``tokenizer_path``/``llm_path``."""
+    model: str | dict[str, Any] = "tiny"
+    """``"tiny"`` (the preset's defaults), a path to a model ``config.json``, or ``MMInterleavedConfig.to_dict()``."""
+    max_steps: int = 15000
+    """Optimizer steps to train for (the paper: 15k)."""
+    batch_size: int = 1
+    """Packed sequences per rank per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; the global batch is ``batch_size * grad_accum_steps * world_size``."""
+    lr: float = 1e-4
+    """Peak learning rate of everything but the image decoder."""
+    decoder_lr: float = 1e-5
+    """Peak learning rate of the image decoder."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (gates, sampling offsets, norms and biases are excluded by the model's groups)."""
+    betas: tuple[float, float] = (0.9, 0.995)
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """After warmup: ``cosine`` decay to ``min_lr_ratio`` at ``max_steps``, or ``constant``."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states, the paper), 2 (+ gradients)."""
+    seed: int = 0
+    """Seeds the model init, the data order (per epoch) and each rank's RNG."""
+    shuffle_buffer: int = 256
+    """Samples in each data worker's shuffle buffer (1: no shuffle)."""
+    resampled: bool = False
+    """Resample shards endlessly (multi-node recipe); then ``epoch_samples`` bounds an epoch and a
+    resume starts a fresh, differently seeded epoch instead of replaying to the exact position."""
+    epoch_samples: int | None = None
+    """Samples per data worker per epoch; required with ``resampled``."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept (oldest pruned first); 0 keeps all."""
+    resume: bool = True
+    """Resume from the run folder's latest checkpoint when there is one."""
+    max_consecutive_skips: int = 8
+    """Abort when this many micro-batches in a row have a NaN/inf loss."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    log_samples: bool = True
+    """Write the sample keys of every micro-batch to ``samples/rank{r}.jsonl``."""
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must be a folder path")
+        if isinstance(self.shards, (list, tuple)):
+            self.shards = [str(s) for s in self.shards]
+            if not self.shards:
+                raise ValueError("shards is an empty list")
+        elif not self.shards:
+            raise ValueError("shards must be a shard folder or a list of shard paths")
+        self.betas = tuple(float(b) for b in self.betas)
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "checkpoint_every", "max_consecutive_skips", "shuffle_buffer"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers", "keep_checkpoints"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.decoder_lr >= 0):
+            raise ValueError(f"lr must be > 0 and decoder_lr >= 0, got {self.lr} and {self.decoder_lr}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0 and eps > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage} (stage 3 would need "
+                             "parameter gathering to write the safetensors model; not supported yet)")
+        if self.resampled and self.epoch_samples is None:
+            raise ValueError("resampled=True reads shards forever: set epoch_samples")
+        if self.epoch_samples is not None and self.epoch_samples < 1:
+            raise ValueError("epoch_samples must be >= 1")
+        if self.model != "tiny" and not isinstance(self.model, dict) and not Path(self.model).is_file():
+            raise ValueError(f"model must be 'tiny', a config dict or a config.json path; {self.model!r} is not a file")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def model_config(self) -> MMInterleavedConfig:
+        if self.model == "tiny":
+            return MMInterleavedConfig.tiny()
+        if isinstance(self.model, dict):
+            return MMInterleavedConfig.from_dict(self.model)
+        return MMInterleavedConfig.load(self.model)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank; ``metrics`` are the steps of this invocation)."""
+
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    skipped_batches: int = 0
+
+
+# -------------------------------------------------------------------------------------------------
+# distributed setup
+# -------------------------------------------------------------------------------------------------
+def _deepspeed():
+    """Import DeepSpeed with its JIT-built ops cached in weft's cache folder (built once, ~1 min on CPU)."""
+    cache = Path(os.environ.get("WEFT_CACHE_DIR", Path.home() / ".cache" / "weft"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions" / "deepspeed"))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def distributed() -> Iterator[tuple[int, int, int]]:
+    """(rank, world size, local rank). Launched by torchrun/deepspeed: their environment; alone: a one-rank
+    group on a free local port. Tears down only a group it created (env restored afterwards)."""
+    deepspeed = _deepspeed()
+    if dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        return
+    alone = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    added = {k: v for k, v in alone.items() if k not in os.environ} if "RANK" not in os.environ else {}
+    os.environ.update(added)
+    try:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+        try:
+            yield dist.get_rank(), dist.get_world_size(), local_rank
+        finally:
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups (a later call re-inits)
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _precision(config: TrainConfig) -> str:
+    if config.precision != "auto":
+        return config.precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+# -------------------------------------------------------------------------------------------------
+# data
+# -------------------------------------------------------------------------------------------------
+def shard_urls(shards: str | Sequence[str], num_image_tokens: int) -> list[str]:
+    """Shard URLs from a folder's ``index.json`` (checked complete and packed for ``num_image_tokens``) or a list."""
+    if not isinstance(shards, str):
+        return list(shards)
+    from pipelines.shards import read_index
+
+    index = read_index(shards)
+    if not index.complete:
+        raise ValueError(f"the shard set in {shards} is incomplete (its writer did not finish)")
+    packed_for = index.meta.get("packing", {}).get("num_image_tokens")
+    if packed_for is not None and packed_for != num_image_tokens:
+        raise ValueError(f"{shards} was packed with {packed_for} tokens per image; the model has {num_image_tokens}")
+    return index.urls(shards)
+
+
+def _collate(samples, *, pad_token_id: int, image_size: tuple[int, int]) -> tuple[list[str], InterleavedBatch]:
+    from pipelines.loader import collate_sequences
+
+    return [s["__key__"] for s in samples], collate_sequences(samples, pad_token_id=pad_token_id, image_size=image_size)
+
+
+class EpochData:
+    """This rank's micro-batches ``(keys, batch)``, epoch after epoch, with a resumable position.
+
+    Epoch ``e`` reads the shards in the order of seed ``seed + e`` (the same on every rank; split by
+    node and worker), so ``(epoch, position)`` pins the next batch exactly: resuming rebuilds epoch
+    ``e`` and skips ``position`` batches. With ``resampled``, resuming starts epoch ``e + 1`` instead.
+    """
+
+    def __init__(self, urls: list[str], config: TrainConfig, image_size: tuple[int, int], pad_token_id: int,
+                 epoch: int = 0, position: int = 0) -> None:
+        self.urls, self.config, self.image_size, self.pad_token_id = urls, config, tuple(image_size), pad_token_id
+        self.epoch, self.position = epoch, position
+        self._iterator: Iterator | None = None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        from pipelines.loader import sequence_dataset
+
+        c = self.config
+        dataset = sequence_dataset(self.urls, image_size=self.image_size, resampled=c.resampled, shuffle_buffer=c.shuffle_buffer,
+                                   seed=c.seed + epoch, epoch_samples=c.epoch_samples)
+        collate = functools.partial(_collate, pad_token_id=self.pad_token_id, image_size=self.image_size)
+        dataset = dataset.compose(wds.batched(c.batch_size, collation_fn=collate, partial=True))
+        # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+        generator = torch.Generator().manual_seed(c.seed + epoch)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=c.num_workers, generator=generator)
+
+    def __next__(self) -> tuple[list[str], InterleavedBatch]:
+        for _ in range(2):
+            if self._iterator is None:
+                self._iterator = iter(self._loader(self.epoch))
+                for _ in range(self.position):  # replay to the saved position (decodes those batches again)
+                    if next(self._iterator, None) is None:
+                        raise RuntimeError(f"epoch {self.epoch} has fewer than {self.position} batches on this rank")
+            item = next(self._iterator, None)
+            if item is not None:
+                self.position += 1
+                return item
+            self._iterator = None
+            self.epoch, self.position = self.epoch + 1, 0
+        raise RuntimeError("this rank read an empty epoch: fewer shards than ranks x data workers?")
+
+
+# -------------------------------------------------------------------------------------------------
+# model
+# -------------------------------------------------------------------------------------------------
+def build_model(config: TrainConfig):
+    from model.mm_interleaved import MMInterleaved
+    from pipelines.tokenizer import load_tokenizer
+
+    model_config = config.model_config()
+    tokenizer = None
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer, boi_token=model_config.language.boi_token,
+                                   image_token=model_config.language.image_token)
+    return MMInterleaved.from_config(model_config, tokenizer)
+
+
+# -------------------------------------------------------------------------------------------------
+# training
+# -------------------------------------------------------------------------------------------------
+def _deepspeed_config(config: TrainConfig, precision: str) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum_steps,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: no DeepSpeedCPUAdam build, same maths
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class _JsonLines:
+    """Append-only JSON-lines file; on resume, records past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None and path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_until_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif keep_until_step is None:
+            path.write_text("")
+        self.file = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+
+
+def train(config: TrainConfig, *, model=None, data=None) -> TrainResult:
+    """Train until ``config.max_steps`` (resuming from the run folder's latest checkpoint).
+
+    ``model``: an already built :class:`MMInterleaved` (default: :func:`build_model`). ``data``: an
+    iterator of ``(sample_keys, InterleavedBatch)`` for this rank (default: the config's shards via
+    :class:`EpochData`; a custom iterator's position is not checkpointed).
+    """
+    run_dir = Path(config.run_dir)
+    with distributed() as (rank, world_size, local_rank):
+        deepspeed = _deepspeed()
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
+        checkpoint = latest_checkpoint(run_dir) if config.resume else None
+
+        # model: the same init on every rank (DeepSpeed also broadcasts rank 0's weights)
+        torch.manual_seed(config.seed)
+        if model is None:
+            model = build_model(config)
+        if checkpoint is not None:  # frozen weights are not in the engine state: take them from the model file
+            model.load_state_dict(load_file(str(checkpoint / MODEL_DIR / model.weights_name)), strict=False)
+
+        # optimizer, schedule, engine
+        groups = model.parameter_groups(config.lr, config.decoder_lr, config.weight_decay)
+        for group in groups:
+            group.pop("param_names")
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        # the schedule is a pure function of the step, applied to the groups before each step: no state to save
+        schedule = functools.partial(lr_factor, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                                     schedule=config.schedule, min_ratio=config.min_lr_ratio)
+        base_lrs = [g["lr"] for g in groups]
+        group_names = [g["name"] for g in groups]
+        precision = _precision(config)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_deepspeed_config(config, precision))
+
+        # resume: engine state, then this rank's data position and RNG (or fresh ones)
+        step, epoch, position = 0, 0, 0
+        torch.manual_seed(config.seed * 1000 + rank)
+        if checkpoint is not None:
+            state = json.loads((checkpoint / TRAINER_STATE).read_text())
+            step = state["step"]
+            saved = read_rank_state(checkpoint, rank) if state["world_size"] == world_size else None
+            if saved is not None:
+                load_checkpoint(engine, checkpoint)
+                rng, data_state = saved
+                set_rng_state(rng)
+                epoch, position = data_state["epoch"], data_state["position"]
+                if config.resampled:
+                    epoch, position = epoch + 1, 0
+            else:
+                if rank == 0:
+                    logger.warning("checkpoint %s was written by %d ranks, now %d: weights, step and schedule resume; "
+                                   "the optimizer moments restart from zero (ZeRO partitions are per rank), data "
+                                   "restarts at a new epoch and RNG is reseeded", checkpoint, state["world_size"], world_size)
+                epoch = state["max_epoch"] + 1
+                torch.manual_seed(config.seed * 1000 + rank + step)
+            if rank == 0:
+                logger.info("resumed from %s at step %d", checkpoint, step)
+
+        # data
+        if data is None:
+            urls = shard_urls(config.shards, model.num_visual_tokens)
+            pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+            data = EpochData(urls, config, model.image_size, pad, epoch, position)
+
+        # loop
+        metrics = _JsonLines(run_dir / METRICS, rank == 0, step if checkpoint is not None else None)
+        samples_log = _JsonLines(run_dir / "samples" / f"rank{rank}.jsonl", config.log_samples,
+                                 step if checkpoint is not None else None)
+        if checkpoint is not None:
+            metrics.write({"event": "resume", "step": step, "checkpoint": str(checkpoint), "world_size": world_size})
+        result = TrainResult(run_dir, step, checkpoint)
+        bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", disable=not (config.progress and rank == 0))
+        engine.train()
+        consecutive_skips = 0
+        last_saved = step if checkpoint is not None else None
+        try:
+            while step < config.max_steps:
+                start = time.perf_counter()
+                # [loss, text_loss, image_loss, micro-batches, tokens, samples] summed over this step
+                totals = torch.zeros(6, dtype=torch.float64)
+                done = 0
+                for param_group, base_lr in zip(optimizer.param_groups, base_lrs):
+                    param_group["lr"] = base_lr * schedule(step)
+                while done < config.grad_accum_steps:
+                    keys, batch = next(data)
+                    samples_log.write({"step": step + 1, "keys": keys})
+                    batch = batch.to(device)
+                    out = engine(batch)
+                    # host-device sync (one per micro-batch): every rank must agree to skip a non-finite loss
+                    bad = torch.tensor([0.0 if torch.isfinite(out.loss).item() else 1.0], device=device)
+                    dist.all_reduce(bad)
+                    if bad.item() > 0:
+                        consecutive_skips += 1
+                        result.skipped_batches += 1
+                        logger.warning("step %d: non-finite loss on %d rank(s) (rank %d: %s); micro-batch skipped",
+                                       step + 1, int(bad.item()), rank, out.loss.item())
+                        metrics.write({"event": "skipped_batch", "step": step + 1, "ranks": int(bad.item()),
+                                       "loss": None if math.isfinite(out.loss.item()) else str(out.loss.item())})
+                        samples_log.write({"step": step + 1, "skipped": keys})
+                        if consecutive_skips >= config.max_consecutive_skips:
+                            raise FloatingPointError(f"{consecutive_skips} micro-batches in a row had a NaN/inf loss")
+                        continue
+                    consecutive_skips = 0
+                    engine.backward(out.loss)
+                    engine.step()  # steps the optimizer at the accumulation boundary only
+                    done += 1
+                    tokens = int((batch.document_ids >= 0).sum())  # host-device sync, for throughput
+                    totals += torch.tensor([out.loss.item(), out.text_loss.item(), out.image_loss.item(), 1, tokens,
+                                            batch.input_ids.shape[0]], dtype=torch.float64)
+                step += 1
+                # host-device sync (one per step): the step's losses averaged over ranks
+                reduced = totals.to(device)
+                dist.all_reduce(reduced)
+                reduced = reduced.cpu()
+                n = reduced[3].item()
+                grad_norm = engine.get_global_grad_norm()
+                record = {
+                    "step": step,
+                    "loss": reduced[0].item() / n,
+                    "text_loss": reduced[1].item() / n,
+                    "image_loss": reduced[2].item() / n,
+                    "lr": dict(zip(group_names, (float(g["lr"]) for g in optimizer.param_groups))),
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens": int(reduced[4].item()),
+                    "samples": int(reduced[5].item()),
+                    "seconds": time.perf_counter() - start,
+                    "time": time.time(),
+                }
+                metrics.write(record)
+                result.metrics.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    result.checkpoint = _save(engine, model, config, step, world_size, data, record)
+                    last_saved = step
+                    metrics.write({"event": "checkpoint", "step": step, "path": str(result.checkpoint)})
+            if last_saved != step:
+                result.checkpoint = _save(engine, model, config, step, world_size, data, result.metrics[-1] if result.metrics else {})
+        finally:
+            bar.close()
+            metrics.close()
+            samples_log.close()
+        result.step = step
+        return result
+
+
+def _save(engine, model, config: TrainConfig, step: int, world_size: int, data, record: dict[str, Any]) -> Path:
+    data_state = data.state() if isinstance(data, EpochData) else {"epoch": 0, "position": 0}
+    # every rank's epoch, so a resume on another number of ranks starts after all of them
+    epochs = torch.tensor([data_state["epoch"]], dtype=torch.int64, device=engine.device)
+    dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
+    trainer_state = {"step": step, "world_size": world_size, "max_epoch": int(epochs.item()), "metrics": record,
+                     "train_config": config.to_dict()}
+    return save_checkpoint(engine, model, config.run_dir, step, trainer_state, data_state, config.keep_checkpoints)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train MM-Interleaved (run it with torchrun or deepspeed for several ranks).")
+    parser.add_argument("--config", required=True, help="JSON file with the fields of TrainConfig")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's flag
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = train(TrainConfig.from_json(args.config))
+    logger.info("finished at step %d; checkpoint %s", result.step, result.checkpoint)
+
+
+if __name__ == "__main__":
+    main()
