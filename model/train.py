@@ -254,6 +254,22 @@ def _collate(samples, *, pad_token_id: int, image_size: tuple[int, int]) -> tupl
     return [s["__key__"] for s in samples], collate_sequences(samples, pad_token_id=pad_token_id, image_size=image_size)
 
 
+GRAPH_KINDS = ("text_only", "images_untrained", "images_trained")
+
+
+def _graph_kind(batch: InterleavedBatch, out) -> int:
+    """Which branches of the model's autograd graph this micro-batch used (index into GRAPH_KINDS).
+
+    ZeRO-2 reduces gradient buckets in the order parameters become ready in backward and assumes
+    that order is the same on every rank (DeepSpeed issue #2343); a batch without images skips the
+    vision tower, one without a trained image skips the image decoder. Such micro-batches are
+    skipped when ranks disagree (ZeRO 0/1 reduce after backward and need no agreement).
+    """
+    if batch.images.shape[0] == 0:
+        return 0
+    return 2 if out.num_trained_images > 0 else 1
+
+
 class EpochData:
     """This rank's micro-batches ``(keys, batch)``, epoch after epoch, with a resumable position.
 
@@ -444,24 +460,37 @@ def train(config: TrainConfig, *, model=None, data=None) -> TrainResult:
                     param_group["lr"] = base_lr * schedule(step)
                 while done < config.grad_accum_steps:
                     keys, batch = next(data)
-                    samples_log.write({"step": step + 1, "keys": keys})
                     batch = batch.to(device)
                     out = engine(batch)
-                    # host-device sync (one per micro-batch): every rank must agree to skip a non-finite loss
-                    bad = torch.tensor([0.0 if torch.isfinite(out.loss).item() else 1.0], device=device)
-                    dist.all_reduce(bad)
+                    # host-device sync (one per micro-batch): every rank must agree to skip a non-finite
+                    # loss, and under ZeRO-2 on the shape of the autograd graph (see _graph_kind)
+                    flags = torch.zeros(1 + len(GRAPH_KINDS), device=device)
+                    flags[0] = 0.0 if torch.isfinite(out.loss).item() else 1.0
+                    flags[1 + _graph_kind(batch, out)] = 1.0
+                    dist.all_reduce(flags)
+                    if config.zero_stage == 2 and int((flags[1:] > 0).sum()) > 1:
+                        result.skipped_batches += 1
+                        kinds = [k for k, n in zip(GRAPH_KINDS, flags[1:].tolist()) if n > 0]
+                        logger.warning("step %d: ranks disagree on the graph (%s); ZeRO-2 needs the same one, "
+                                       "micro-batch skipped", step + 1, ", ".join(kinds))
+                        metrics.write({"event": "skipped_batch", "step": step + 1, "reason": "graph_mismatch",
+                                       "graphs": kinds})
+                        samples_log.write({"step": step + 1, "skipped": keys})
+                        continue
+                    bad = flags[:1]
                     if bad.item() > 0:
                         consecutive_skips += 1
                         result.skipped_batches += 1
                         logger.warning("step %d: non-finite loss on %d rank(s) (rank %d: %s); micro-batch skipped",
                                        step + 1, int(bad.item()), rank, out.loss.item())
-                        metrics.write({"event": "skipped_batch", "step": step + 1, "ranks": int(bad.item()),
+                        metrics.write({"event": "skipped_batch", "step": step + 1, "reason": "non_finite_loss", "ranks": int(bad.item()),
                                        "loss": None if math.isfinite(out.loss.item()) else str(out.loss.item())})
                         samples_log.write({"step": step + 1, "skipped": keys})
                         if consecutive_skips >= config.max_consecutive_skips:
                             raise FloatingPointError(f"{consecutive_skips} micro-batches in a row had a NaN/inf loss")
                         continue
                     consecutive_skips = 0
+                    samples_log.write({"step": step + 1, "keys": keys})
                     engine.backward(out.loss)
                     engine.step()  # steps the optimizer at the accumulation boundary only
                     done += 1
