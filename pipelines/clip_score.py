@@ -10,9 +10,12 @@ sentence (MMC4) or caption (pairs) and, for interleaved documents, the full imag
 takes.
 
 :func:`train_world_scorer` trains a tiny open_clip model contrastively on the sample world's clean
-pairs (true captions of pair images, story frames with their sentences), picks its filtering
-threshold from those clean pairs alone (the ``threshold_quantile`` of their scores, so ~95% of
-true pairs pass), and saves it. :func:`evaluate_scorer` reports ROC-AUC of true vs the world's
+pairs (true captions of pair images, story frames with their sentences and full captions), with
+images prepared exactly as the filter sees them (the world's JPEG bytes, resized), picks its
+filtering threshold from clean pairs held out of training alone (the ``threshold_quantile`` of
+their scores, so ~95% of true pairs pass), and saves it. How well it separates true from
+mismatched story images depends mostly on how many story sentences it saw: train it on a world
+with a few hundred stories (the world is cheap; training time depends on ``steps`` only). :func:`evaluate_scorer` reports ROC-AUC of true vs the world's
 deliberately mismatched pairs on any world (use a different seed than training).
 """
 
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -40,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pipelines.documents import IMAGE_STATUS_OK
-from pipelines.sample_world.scenes import render
+from pipelines.sample_world.scenes import encode, render
 from pipelines.sample_world.world import SampleWorld, caption
 
 SCORER_CONFIG = "weft_scorer.json"
@@ -251,20 +255,48 @@ class ScorerTraining:
     warmup: int = 20
     seed: int = 0
     image_size: int = 64
+    context_length: int = 48
+    """Text tower context (SimpleTokenizer tokens); the world's longest caption needs 39."""
+    clause_probability: float = 0.0
+    """Text augmentation: with this probability a training caption is replaced by one of its clauses
+    (split at commas and "and", e.g. "a small red circle at the top left"), a true statement about
+    the image that looks like the short sentences an MMC4 image is matched to."""
     threshold_quantile: float = 0.05
     """The threshold is this quantile of held-out clean pairs' scores (so ~95% of true pairs pass)."""
     calibration_fraction: float = 0.2
     """Clean pairs held out of training to pick the threshold (training scores are optimistic)."""
 
 
+_CLAUSE_SPLIT = re.compile(r",\s+|\s+and\s+")
+
+
+def caption_clauses(text: str) -> list[str]:
+    """The clauses of a caption that lists several things (none for a single-clause text)."""
+    parts = [p.strip().rstrip(".").strip() for p in _CLAUSE_SPLIT.split(text)]
+    parts = [p for p in parts if p]
+    return [p[0].upper() + p[1:] + "." for p in parts] if len(parts) > 1 else []
+
+
+def _as_filtered(scene: Any, world_size: int, scorer: ClipScorer, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scene's pixels as the filter sees them: rendered at the world's size, JPEG bytes, resized."""
+    key = json.dumps(scene.to_dict(), sort_keys=True)
+    if key not in cache:
+        cache[key] = scorer.image_tensor(encode(render(scene, world_size), "jpeg"))
+    return cache[key]
+
+
 def train_world_scorer(world: SampleWorld, out_dir: str | os.PathLike | None = None,
                        config: ScorerTraining = ScorerTraining(), *, progress: bool = False) -> tuple[ClipScorer, dict[str, Any]]:
     """Train a tiny open_clip model on the world's clean pairs (symmetric InfoNCE, AdamW, cosine lr).
 
-    Returns the scorer (threshold set) and a training report; saves it to ``out_dir`` if given."""
+    Images are prepared exactly as :func:`score_documents` will see them (the world's JPEG bytes,
+    resized to the model), texts as written in the metadata plus full captions (and, with
+    ``clause_probability``, their clauses). The threshold is the ``threshold_quantile`` of the
+    scores of clean pairs held out of training. Returns the scorer (threshold set) and a training
+    report; saves it to ``out_dir`` if given."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    model_config = tiny_clip_config(config.image_size)
+    model_config = tiny_clip_config(config.image_size, config.context_length)
     scorer = ClipScorer.from_config(model_config)
     model = scorer.model.train()
     pairs = world_clean_pairs(world)
@@ -272,15 +304,17 @@ def train_world_scorer(world: SampleWorld, out_dir: str | os.PathLike | None = N
     n_calibration = max(1, int(len(pairs) * config.calibration_fraction))
     calibration = [(scene, text) for scene, text, as_in_metadata in pairs[:n_calibration] if as_in_metadata]
     pairs = [(scene, text) for scene, text, _ in pairs[n_calibration:]]
+    size = world.config.image_size
     rendered: dict[str, torch.Tensor] = {}
-    images = []
-    for scene, _ in pairs:
-        key = json.dumps(scene.to_dict(), sort_keys=True)
-        if key not in rendered:
-            rendered[key] = scorer.image_tensor(render(scene, max(48, config.image_size)))
-        images.append(rendered[key])
-    images_t = torch.stack(images)
+    images_t = torch.stack([_as_filtered(scene, size, scorer, rendered) for scene, _ in pairs])
     tokens = scorer.tokenizer([t for _, t in pairs])
+    clauses = [caption_clauses(t) for _, t in pairs]
+    clause_rows: list[list[int]] = []
+    flat: list[str] = []
+    for options in clauses:
+        clause_rows.append(list(range(len(flat), len(flat) + len(options))))
+        flat.extend(options)
+    clause_tokens = scorer.tokenizer(flat) if flat else tokens[:0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = time.perf_counter()
     losses = []
@@ -289,11 +323,17 @@ def train_world_scorer(world: SampleWorld, out_dir: str | os.PathLike | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = rng.sample(range(len(pairs)), min(config.batch_size, len(pairs)))
-        out = model(images_t[batch], tokens[batch])
+        text_batch = tokens[batch].clone()
+        if config.clause_probability > 0:
+            for row, index in enumerate(batch):
+                if clause_rows[index] and rng.random() < config.clause_probability:
+                    text_batch[row] = clause_tokens[rng.choice(clause_rows[index])]
+        out = model(images_t[batch], text_batch)
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T if isinstance(out, dict) else \
             out[2] * out[0] @ out[1].T
-        # the same scene can appear twice in a batch (story frame + sentence): mask duplicates of the target
-        same_text = tokens[batch][:, None, :].eq(tokens[batch][None, :, :]).all(-1)
+        # the same text can appear twice in a batch (a story frame + sentence, a shared clause): mask
+        # duplicates of the target
+        same_text = text_batch[:, None, :].eq(text_batch[None, :, :]).all(-1)
         logits = logits.masked_fill(same_text & ~torch.eye(len(batch), dtype=torch.bool), -1e4)
         target = torch.arange(len(batch))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -302,7 +342,7 @@ def train_world_scorer(world: SampleWorld, out_dir: str | os.PathLike | None = N
         optimizer.step()
         losses.append(loss.item())
     model.eval()
-    held_out = scorer.pair_scores([render(s, max(48, config.image_size)) for s, _ in calibration], [t for _, t in calibration])
+    held_out = scorer.pair_scores([encode(render(s, size), "jpeg") for s, _ in calibration], [t for _, t in calibration])
     scorer.threshold = float(np.quantile(held_out.numpy(), config.threshold_quantile))
     report = {"pairs": len(pairs), "calibration_pairs": len(calibration), "steps": config.steps, "seconds": time.perf_counter() - start,
               "initial_loss": float(np.mean(losses[:5])), "final_loss": float(np.mean(losses[-5:])), "threshold": scorer.threshold,
@@ -318,8 +358,8 @@ def evaluate_scorer(scorer: ClipScorer, world: SampleWorld) -> dict[str, Any]:
     ``roc_auc`` uses true captions and story sentences as positives; alt-text pairs (true but
     uninformative) are reported separately as ``roc_auc_with_alt_text``."""
     rows = world_eval_pairs(world)
-    size = max(48, scorer.image_size)
-    scores = scorer.pair_scores([render(s, size) for s, _, _, _ in rows], [t for _, t, _, _ in rows]).numpy()
+    size = world.config.image_size  # as the filter sees them: the world's JPEG bytes
+    scores = scorer.pair_scores([encode(render(s, size), "jpeg") for s, _, _, _ in rows], [t for _, t, _, _ in rows]).numpy()
     negative = [s for s, r in zip(scores, rows) if not r[2]]
     informative = [s for s, r in zip(scores, rows) if r[2] and r[3] != "alt_text"]
     everything = [s for s, r in zip(scores, rows) if r[2]]

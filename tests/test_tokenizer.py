@@ -33,3 +33,50 @@ def test_world_tokenizer_round_trip(tmp_path):
 def test_token_ids_refuses_tokenizer_without_image_tokens():
     with pytest.raises(ValueError, match="lacks"):
         token_ids(train_bpe_tokenizer(["a red circle"], vocab_size=64))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pipelines.tokenizer import TextEncoder  # noqa: E402
+
+
+def _world_tokenizer():
+    return train_tokenizer(world_texts(generate_world(WorldConfig(seed=0, n_pairs=60, n_stories=10))))
+
+
+_TOKENIZER = _world_tokenizer()
+_PIECES = st.one_of(st.sampled_from(list("abcXYZ019 '\t\n\r.,!?_-") + ["'s", "'ll", "</s>", "<BoI>", "<s", "é", "東",
+                                                                    "\x00", "\x1c", "\x85", "\xa0", "  "]),
+                    st.characters())
+_TEXT = st.lists(_PIECES, max_size=20).map("".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(_TEXT, min_size=1, max_size=12))
+def test_text_encoder_matches_one_by_one_encoding_in_every_mode(texts):
+    encoder = TextEncoder(_TOKENIZER.backend_tokenizer, token_ids(_TOKENIZER).eos)
+    assert encoder.mode == "words"  # byte-level BPE: the pre-token cache
+    expected = [_TOKENIZER.backend_tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    assert encoder(texts) == expected
+    assert encoder(texts) == expected  # with a warm cache
+    encoder.mode = "joined"
+    assert encoder(texts) == expected
+    encoder.mode = "separate"
+    assert encoder(texts) == expected
+
+
+def test_text_encoder_on_world_texts_and_other_tokenizers():
+    texts = world_texts(generate_world(WorldConfig(seed=5, n_pairs=100, n_stories=20)))
+    encoder = TextEncoder(_TOKENIZER.backend_tokenizer, token_ids(_TOKENIZER).eos)
+    assert encoder(texts) == encoder.separate(texts)
+    # a tokenizer the word cache does not apply to (a normalizer, Metaspace pre-tokenizer): still exact
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    other = TextEncoder(backend, backend.token_to_id("</s>"))
+    assert other.mode in ("joined", "separate")
+    probe = texts[:50] + [" x", "y ", "A  B", "</s> inside"]
+    assert other(probe) == [backend.encode(t, add_special_tokens=False).ids for t in probe]
