@@ -1,0 +1,80 @@
+"""Jobs built from asset selections, with the schedule and the sensor that launch them."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import yaml
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from assets.download import downloaded_images
+from assets.filtering import filtered_documents
+from assets.partitions import source_shards
+from assets.sources import raw_documents
+from orchestration.resources import Storage
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+sample_world_data = dg.define_asset_job(
+    "sample_world_data",
+    selection=dg.AssetSelection.assets(raw_documents).downstream() | dg.AssetSelection.groups("packing", "models"),
+    description="Every data asset from raw documents to packed WebDataset shards, over a range of raw shards.",
+)
+
+refilter = dg.define_asset_job(
+    "refilter",
+    selection=dg.AssetSelection.assets(filtered_documents).downstream(),
+    description="Re-filter the already-downloaded images with the current thresholds and re-pack.",
+)
+
+ingest = dg.define_asset_job(
+    "ingest",
+    selection=dg.AssetSelection.assets(raw_documents, downloaded_images),
+    partitions_def=source_shards,
+    description="Read and download one raw shard (launched by the raw-shard sensor).",
+)
+
+
+def partition_range_tags(keys: list[str]) -> dict[str, str]:
+    """Tags that make one run cover ``keys[0]...keys[-1]`` (single-run backfill policy)."""
+    return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+
+
+def preset_name() -> str:
+    """The preset in use: ``WEFT_PRESET`` (``sample_world`` by default), read when a run is planned."""
+    return os.environ.get("WEFT_PRESET", "sample_world")
+
+
+def preset_run_config(name: str, assets: tuple[str, ...]) -> dict:
+    """The op config of run-config preset ``presets/<name>.yaml`` for the given assets."""
+    with open(PRESETS_DIR / f"{name}.yaml") as f:
+        ops = (yaml.safe_load(f) or {}).get("ops", {})
+    return {"ops": {k: v for k, v in ops.items() if k in assets}}
+
+
+@dg.schedule(job=refilter, cron_schedule="0 3 * * 1", default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Weekly: re-filter every downloaded shard with the thresholds of the preset in WEFT_PRESET.")
+def weekly_refilter(context: dg.ScheduleEvaluationContext):
+    keys = context.instance.get_dynamic_partitions(source_shards.name)
+    if not keys:
+        return dg.SkipReason("no raw shards registered yet")
+    downloaded = context.instance.get_materialized_partitions(downloaded_images.key)
+    missing = [k for k in keys if k not in downloaded]
+    if missing:
+        return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
+    return dg.RunRequest(run_config=preset_run_config(preset_name(), ("filtered_documents", "packed_sequences")),
+                         tags=partition_range_tags(keys))
+
+
+@dg.sensor(job=ingest, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Adds a partition for each new raw shard in the watched folder and ingests exactly it.")
+def raw_shard_sensor(context: dg.SensorEvaluationContext, storage: Storage):
+    known = set(context.instance.get_dynamic_partitions(source_shards.name))
+    new = [k for k in storage.raw_partition_keys() if k not in known]
+    if not new:
+        return dg.SkipReason(f"no new raw shards in {storage.raw_path}")
+    run_config = preset_run_config(preset_name(), ("downloaded_images",))
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=k, run_key=k, run_config=run_config) for k in new],
+        dynamic_partitions_requests=[source_shards.build_add_request(new)],
+    )

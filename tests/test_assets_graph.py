@@ -1,0 +1,172 @@
+"""The whole data graph in process on a small sample world: assets, checks, metadata, re-filtering and
+a corrupted shard. One module-scoped run of the graph is shared; the destructive test runs last."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from orchestration.definitions import build_definitions
+from orchestration.io_managers import ManifestIOManager
+from orchestration.jobs import partition_range_tags, preset_run_config, weekly_refilter
+from orchestration.resources import (
+    QualityBounds, SampleWorld, SampleWorldClipScorer, SampleWorldImages, SampleWorldTokenizer, Storage,
+)
+from pipelines.image_server import ImageServer
+from pipelines.shards import read_index, shard_keys, verify_shards
+
+pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
+
+DATA_ASSETS = ["raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "tokenizer",
+               "packed_sequences"]
+CHECKS = {"raw_documents_parse_rate", "downloaded_images_shard_integrity", "downloaded_images_success_rate",
+          "filtered_documents_pass_rate", "packed_sequences_shard_integrity", "packed_sequences_max_tokens"}
+
+
+class Graph:
+    """The running test platform: instance, definitions, the loopback server and the keys."""
+
+    def __init__(self, instance, defs, server, root):
+        self.instance, self.defs, self.server, self.root = instance, defs, server, root
+        self.keys: list[str] = []
+        self.result = None
+
+    def run(self, job: str, run_config: dict | None = None, **kwargs) -> dg.ExecuteInProcessResult:
+        """Run ``job`` over every shard, with the sample-world preset's op config unless given."""
+        if run_config is None:
+            run_config = preset_run_config("sample_world", ("downloaded_images", "filtered_documents", "packed_sequences"))
+        return self.defs.resolve_job_def(job).execute_in_process(
+            instance=self.instance, tags=partition_range_tags(self.keys), run_config=run_config, **kwargs)
+
+    def materializations(self, asset: str) -> list:
+        records = self.instance.fetch_materializations(dg.AssetKey(asset), limit=100).records
+        return [r.asset_materialization for r in records]
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weft_data")
+    # 3 raw shards (one per source), ~40 images; permanent faults only, so no retry pass is needed.
+    world = SampleWorld(n_pairs=16, n_stories=6, n_eval=2, docs_per_shard=8)
+    faults = SampleWorldImages(world=world, not_found=0.08, server_error=0.0, truncated=0.0, not_image=0.04,
+                               transient=0.0)
+    with ImageServer(world.generate().routes(), faults.faults()) as server, \
+            dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster_home"))) as instance:
+        storage = Storage(root=str(root))
+        resources = {
+            "storage": storage, "world": world,
+            "images": SampleWorldImages(world=world, server_url=server.base_url, not_found=0.08, server_error=0.0,
+                                        truncated=0.0, not_image=0.04, transient=0.0),
+            "tokenizer_source": SampleWorldTokenizer(world=world), "bounds": QualityBounds(),
+            "clip_scorer_source": SampleWorldClipScorer(world=world, steps=10, batch_size=32),
+            "io_manager": ManifestIOManager(storage=storage),
+        }
+        g = Graph(instance, build_definitions("sample_world", resources), server, root)
+        world_run = g.defs.get_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey("sample_world")])
+        assert world_run.success
+        g.keys = instance.get_dynamic_partitions("source_shards")
+        g.result = g.run("sample_world_data")
+        yield g
+
+
+def test_sample_world_registers_one_partition_per_raw_shard(graph):
+    assert graph.keys == ["mmc4/docs_shard_0_v2.jsonl.zip", "laion/part-00000.parquet", "cc12m/cc12m-00000.tsv"]
+    for key in graph.keys:
+        assert (graph.root / "raw" / key).is_file()
+
+
+def test_every_asset_materializes_and_every_check_passes(graph):
+    result = graph.result
+    assert result.success
+    materialized = {(e.asset_key.to_user_string(), e.partition) for e in result.get_asset_materialization_events()}
+    for asset in ("raw_documents", "downloaded_images", "clip_scores", "filtered_documents"):
+        assert {(asset, k) for k in graph.keys} <= materialized
+    assert {("clip_scorer", None), ("tokenizer", None), ("packed_sequences", None)} <= materialized
+    evaluations = result.get_asset_check_evaluations()
+    assert {e.check_name for e in evaluations} == CHECKS
+    assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
+    assert graph.server.request_count > 0
+
+
+def test_materializations_carry_metadata_and_data_versions(graph):
+    world = graph.materializations("sample_world")[0].metadata
+    assert world["pairs"].value == 16 and world["preview"].value.count("data:image/jpeg;base64,") == 3
+    raw = graph.materializations("raw_documents")[0]
+    assert raw.metadata["documents"].value == 6 + 16 and raw.metadata["parse_rate"].value == 1.0
+    images = graph.materializations("downloaded_images")[0].metadata
+    counts = images["status_counts"].value
+    assert counts["ok"] == images["ok"].value and sum(counts.values()) == images["urls"].value
+    assert 0.5 < images["success_rate"].value < 1.0  # the server's faults are visible, not hidden
+    assert images["preview"].value.count("data:image/jpeg;base64,") == 4
+    assert images["urls_per_second"].value > 0
+    scorer = graph.materializations("clip_scorer")[0].metadata
+    assert 0.0 <= scorer["roc_auc"].value <= 1.0 and scorer["kind"].value == "sample_world_tiny_clip"
+    scores = graph.materializations("clip_scores")[0].metadata
+    assert scores["images_scored"].value > 0 and scores["scorer_threshold"].value == scorer["threshold"].value
+    filtered = graph.materializations("filtered_documents")[0].metadata
+    assert filtered["thresholds"].value["min_similarity"] == scorer["threshold"].value  # null in the preset
+    assert "similarity" in filtered["image_drops_by_rule"].value or "download" in filtered["image_drops_by_rule"].value
+    packed = graph.materializations("packed_sequences")[0].metadata
+    assert packed["sequences"].value >= 1 and packed["tokens"].value > 0 and ".tar" in packed["shards"].value
+    for asset in DATA_ASSETS:
+        tags = graph.materializations(asset)[0].tags or {}
+        assert tags.get("dagster/data_version"), asset
+
+
+def test_packed_shards_are_webdataset_with_an_intact_index(graph):
+    manifest = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
+    assert verify_shards(manifest["path"]) == []
+    index = read_index(manifest["path"])
+    assert index.complete and index.samples == manifest["samples"]
+    threshold = graph.materializations("clip_scorer")[0].metadata["threshold"].value
+    assert index.meta["filter_thresholds"]["mmc4/docs_shard_0_v2.jsonl.zip"]["min_similarity"] == threshold
+    keys = shard_keys(Path(manifest["urls"][0]))
+    assert keys and all("." not in k for k in keys)
+
+
+def test_weekly_schedule_requests_one_refilter_run_over_every_shard(graph):
+    context = dg.build_schedule_context(instance=graph.instance, repository_def=graph.defs.get_repository_def())
+    request = weekly_refilter(context)
+    assert isinstance(request, dg.RunRequest)
+    assert request.tags == partition_range_tags(graph.keys)
+    assert request.run_config["ops"]["filtered_documents"]["config"]["min_similarity"] is None  # the scorer's
+
+
+def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
+    requests_before = graph.server.request_count
+    packed_before = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
+    before = graph.materializations("filtered_documents")[0].metadata["min_similarity"].value
+    stricter = round(before + 0.05, 4)
+    config = {"ops": {"filtered_documents": {"config": {"min_similarity": stricter, "pair_min_similarity": stricter}}}}
+    result = graph.run("refilter", run_config=config)
+    assert result.success
+    assert graph.server.request_count == requests_before  # no HTTP: the downloads were re-used
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"filtered_documents", "packed_sequences"}
+    thresholds = [m.metadata["min_similarity"].value for m in graph.materializations("filtered_documents")]
+    assert stricter in thresholds and before in thresholds
+    packed = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
+    assert packed["path"] != packed_before["path"]
+    assert {t["min_similarity"] for t in read_index(packed["path"]).meta["filter_thresholds"].values()} == {stricter}
+    assert read_index(packed_before["path"]).complete  # the previous shards stay for lineage
+    versions = [m.tags["dagster/data_version"] for m in graph.materializations("packed_sequences")]
+    assert len(set(versions)) == len(versions)
+
+
+def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):
+    tar = sorted((graph.root / "images").glob("*/*/shards/*.tar"))[0]
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2 + 100])
+    requests_before = graph.server.request_count
+    selection = [dg.AssetKey(a) for a in ("downloaded_images", "clip_scores", "filtered_documents", "packed_sequences")]
+    result = graph.run("sample_world_data", asset_selection=selection, raise_on_error=False)
+    assert not result.success
+    integrity = [e for e in result.get_asset_check_evaluations()
+                 if e.check_name == "downloaded_images_shard_integrity"]
+    assert len(integrity) == 1 and not integrity[0].passed
+    assert "unreadable" in integrity[0].metadata["problems"].value or "samples" in integrity[0].metadata["problems"].value
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"downloaded_images"}  # clip scores, filtering and packing were blocked
+    assert graph.server.request_count == requests_before
