@@ -1,6 +1,7 @@
 # weft: one command to set up and run the main job, one to set up and run the tests.
 #   make demo   bootstrap .venv (idempotent) and run the main job on the embedded sample world
 #   make test   bootstrap .venv (idempotent) and run the default test suite
+#   make ui     the Dagster UI on http://127.0.0.1:3000 (same instance as make demo)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,11 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup demo test bench
+DAGSTER := DAGSTER_HOME=$(CURDIR)/dagster_home $(VENV)/bin/dagster
+# The sample world's raw shards, as dynamic partitions: the whole set in one run.
+SAMPLE_WORLD_SHARDS := {"dagster/asset_partition_range_start": "mmc4/docs_shard_0_v2.jsonl.zip", "dagster/asset_partition_range_end": "cc12m/cc12m-00000.tsv"}
+
+.PHONY: setup demo test ui bench
 
 setup: $(STAMP)
 
@@ -21,9 +26,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# 1. write the sample world and register its shards; 2. run the whole data graph over them.
 demo: setup
-	$(PY) -m cuda_ops.build
-	$(PY) -m cuda_ops.bench --shapes tiny_llm
+	mkdir -p dagster_home
+	$(DAGSTER) asset materialize -m orchestration.definitions --select sample_world
+	$(DAGSTER) job execute -m orchestration.definitions -j sample_world_data \
+		-c orchestration/presets/sample_world.yaml --tags '$(SAMPLE_WORLD_SHARDS)'
+
+ui: setup
+	mkdir -p dagster_home
+	$(DAGSTER) dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 test: setup
 	$(PY) -m pytest
