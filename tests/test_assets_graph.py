@@ -59,7 +59,8 @@ def graph(tmp_path_factory):
             "images": SampleWorldImages(world=world, server_url=server.base_url, not_found=0.08, server_error=0.0,
                                         truncated=0.0, not_image=0.04, transient=0.0),
             "tokenizer_source": SampleWorldTokenizer(world=world), "bounds": QualityBounds(),
-            "clip_scorer_source": SampleWorldClipScorer(world=world, steps=10, batch_size=32),
+            "clip_scorer_source": SampleWorldClipScorer(world=world, steps=10, batch_size=32, training_pairs=60,
+                                                        training_stories=8),
             "io_manager": ManifestIOManager(storage=storage),
         }
         g = Graph(instance, build_definitions("sample_world", resources), server, root)
