@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -109,6 +110,21 @@ def parse_mmc4_record(raw: Any, doc_id: str, source_file: str, line: int) -> dic
     )
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """Strings with unpaired ``\\udXXX`` escapes (seen in crawled text) get U+FFFD in their place:
+    JSON allows them, UTF-8 (and so parquet) does not."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def _mmc4_lines(lines: Iterator[bytes], label: str, stem: str, handler: Handler) -> Iterator[dict[str, Any]]:
     for line_no, raw_line in enumerate(lines, start=1):
         try:
@@ -119,6 +135,8 @@ def _mmc4_lines(lines: Iterator[bytes], label: str, stem: str, handler: Handler)
                 raw = json.loads(text)
             except json.JSONDecodeError as err:
                 raise RecordError(f"invalid JSON: {err.msg} at column {err.colno}") from None
+            if "\\ud" in text or "\\uD" in text:
+                raw = _replace_lone_surrogates(raw)
             yield parse_mmc4_record(raw, f"mmc4:{stem}:{line_no}", label, line_no)
         except UnicodeDecodeError:
             handler(BadRecord(label, line_no, "not valid UTF-8"))

@@ -176,6 +176,18 @@ def test_cc12m_forced_no_header_reports_header_line(tmp_path):
     assert [(r.line, r.reason) for r in log.records] == [(1, "invalid url 'url'")]
 
 
+def test_mmc4_lone_surrogate_escapes_become_replacement_characters(tmp_path):
+    doc = mmc4_doc(0)
+    doc["text_list"][1] = "broken \ud800 emoji, whole \U0001f600"
+    path = tmp_path / "docs_shard_0_v2.jsonl"
+    path.write_text(json.dumps(doc) + "\n")  # ensure_ascii: the lone half is written as \\ud800
+    assert "\\ud800" in path.read_text()
+    docs = list(read_mmc4(path, reraise))
+    texts = [e["text"] for e in docs[0]["elements"] if e["type"] == "text"]
+    assert texts[1] == "broken \ufffd emoji, whole \U0001f600"
+    assert write_documents(docs, tmp_path / "docs.parquet") == 1  # UTF-8 clean: parquet takes it
+
+
 def test_documents_parquet_round_trip(tmp_path):
     path = tmp_path / "docs_shard_0_v2.jsonl"
     path.write_text("\n".join(mmc4_lines()) + "\n")
