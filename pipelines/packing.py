@@ -8,8 +8,8 @@ Two stages, each a generator over records:
    matched to it; each image is placed before its sentence or, with probability
    ``image_after_probability`` (½, the paper's rule), after it. Pairs put the image first with
    probability ``pair_image_first_probability`` (½) and lowercase the caption. Randomness comes
-   from draws hashed from ``(seed, doc_id)`` (:class:`_DocumentDraws`), so a document is tokenized the same way whatever
-   shard, worker or order it is processed in.
+   from draws hashed from ``(seed, doc_id)`` (:func:`_uniforms`), so a document is tokenized the same
+   way whatever shard, worker or order it is processed in.
 2. :func:`pack_tokenized` concatenates documents greedily into :class:`PackedSequence` s. A document
    that fits in the current sequence is appended; one that fits in an empty sequence starts a new
    one; a longer one is split at sentence-unit boundaries, filling the current sequence first.
@@ -17,6 +17,9 @@ Two stages, each a generator over records:
    part of an image (counted in :attr:`PackingStats.forced_splits`). An image's ``<BoI>`` and its
    N placeholders are never separated (the paper's "a BoI in the last 64 tokens moves to the next
    sequence"). ``<s>`` only starts a document's first part and ``</s>`` only ends its last part.
+   With ``max_images_per_sequence`` set, a sequence also holds at most that many images: a
+   document whose images would pass the cap is split the same way (the paper caps images per
+   sequence; weft moves the rest to the next sequence instead of dropping images).
 
 Each sequence stores its token ids, the images' encoded bytes (one per ``<BoI>``, in order) and
 its document boundaries as ``cu_seqlens`` (0, end of part 1, ..., length) with the document id
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,7 +43,12 @@ import numpy as np
 
 from pipelines.documents import IMAGE_STATUS_OK
 from pipelines.errors import BadRecord, Handler, warn_and_continue
-from pipelines.tokenizer import TextEncoder, TokenIds, token_ids
+from pipelines.tokenizer import TINY_BOI_TOKEN, TINY_IMAGE_TOKEN, TextEncoder, TokenIds, token_ids
+
+_INT32 = "i"
+"""``array`` typecode of the token ids (C int: 4 bytes on every platform weft runs on, checked here)."""
+if array(_INT32).itemsize != 4:
+    raise ImportError(f"pipelines.packing needs a 4-byte C int for array({_INT32!r})")
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,11 @@ class PackingConfig:
     lowercase_pair_captions: bool = True
     pair_caption: str = "original"
     """``original`` (the source text) or ``blip2`` (the recaption, where one exists)."""
+    max_images_per_sequence: int | None = None
+    """At most this many images in one sequence (None: no cap). A document whose images would pass
+    the cap goes on in the next sequence, split at a sentence-unit boundary like an over-long one
+    (inside a unit only when the unit alone holds more images than the cap, cut before an image's
+    ``<BoI>``). No image is dropped."""
     seed: int = 0
     tokenize_batch_documents: int = 256
     """Documents tokenized per call into the (Rust) tokenizer."""
@@ -68,6 +83,8 @@ class PackingConfig:
         for name in ("image_after_probability", "pair_image_first_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
+        if self.max_images_per_sequence is not None and self.max_images_per_sequence < 1:
+            raise ValueError(f"max_images_per_sequence must be None or >= 1, got {self.max_images_per_sequence}")
         if self.pair_caption not in ("original", "blip2"):
             raise ValueError(f"pair_caption must be 'original' or 'blip2', got {self.pair_caption!r}")
 
@@ -81,7 +98,9 @@ class TokenizedDocument:
 
     Attributes:
         doc_id: the normalized document's id.
-        tokens: the whole document, ``<s>`` ... ``</s>``.
+        tokens: the whole document, ``<s>`` ... ``</s>``, as an ``array("i")`` of int32 ids (the
+            shards' dtype: an image's block and a whole document are appended to a sequence as a
+            memory copy, and a sequence becomes a numpy array without converting each id).
         images: encoded image bytes, one per ``<BoI>`` in ``tokens``, in order.
         image_starts: position of each ``<BoI>`` in ``tokens``.
         breaks: sorted positions where a part may start/end (sentence-unit boundaries), with 0 and
@@ -90,7 +109,7 @@ class TokenizedDocument:
     """
 
     doc_id: str
-    tokens: list[int]
+    tokens: array
     images: list[bytes]
     image_starts: list[int]
     breaks: list[int]
@@ -162,92 +181,82 @@ class PackingStats:
 
 
 # 1. tokenize ------------------------------------------------------------------------------------
-class _DocumentDraws:
+def _uniforms(seed: int, doc_id: str) -> Iterator[float]:
     """Uniform draws in [0, 1) for one document, a pure function of ``(seed, doc_id)``: 53-bit
-    numbers cut from ``blake2b(f"{seed}:{doc_id}:{block}")`` (8 per block).
+    numbers cut from ``blake2b(f"{seed}:{doc_id}:{block}")`` (8 per block), hashed only when drawn.
 
     Seeding a ``random.Random`` per document (as packing did first) costs ~20 µs here, as much as
     tokenizing a short document; a hash costs ~1 µs. Any document gets the same layout in any
     shard, worker or order."""
-
-    __slots__ = ("_key", "_block", "_values", "_next")
-
-    def __init__(self, seed: int, doc_id: str) -> None:
-        self._key = f"{seed}:{doc_id}:".encode()
-        self._block = 0
-        self._values: tuple[int, ...] = ()
-        self._next = 0
-
-    def random(self) -> float:
-        if self._next == len(self._values):
-            self._values = _EIGHT_U64.unpack(hashlib.blake2b(self._key + str(self._block).encode()).digest())
-            self._block += 1
-            self._next = 0
-        value = self._values[self._next]
-        self._next += 1
-        return (value >> 11) * _INV_2_53
+    key = f"{seed}:{doc_id}:".encode()
+    for block in itertools.count():
+        for value in _EIGHT_U64.unpack(hashlib.blake2b(key + str(block).encode()).digest()):
+            yield (value >> 11) * _INV_2_53
 
 
 _INV_2_53 = 1.0 / (1 << 53)
 _EIGHT_U64 = struct.Struct("<8Q")
+_NO_IMAGES: tuple[bytes, ...] = ()
 
-
-def _document_rng(seed: int, doc_id: str) -> _DocumentDraws:
-    return _DocumentDraws(seed, doc_id)
+Unit = tuple[Sequence[bytes], str, Sequence[bytes]]
+"""A sentence unit: (images before the text, the text, images after it); the text may be empty."""
 
 
 def _image_bytes(element: dict[str, Any], images: Mapping[str, bytes]) -> bytes | None:
     if element.get("status") not in (None, IMAGE_STATUS_OK):
         return None
-    for name in ("key", "url"):
-        value = element.get(name)
-        if value is not None and value in images:
-            return images[value]
-    return None
+    key = element.get("key")
+    if key is not None and key in images:
+        return images[key]
+    url = element.get("url")
+    return images[url] if url is not None and url in images else None
 
 
 def _layout(document: dict[str, Any], config: PackingConfig, images: Mapping[str, bytes],
-            recaptions: Mapping[str, str] | None, stats: PackingStats,
-            handler: Handler) -> list[tuple[list[bytes], str | None, list[bytes]]] | None:
-    """The document as sentence units ``(images before, text, images after)``, images resolved to bytes."""
-    rng = _document_rng(config.seed, document["doc_id"])
-    resolved: list[tuple[str, Any]] = []
+            recaptions: Mapping[str, str] | None, stats: PackingStats, handler: Handler) -> list[Unit] | None:
+    """The document as sentence units, images resolved to bytes; None if it has neither text nor images."""
+    doc_id = document["doc_id"]
+    groups: list[tuple[list[bytes], str]] = []  # (images waiting for this text, the text)
+    pending: list[bytes] = []
+    n_images = 0
     for index, element in enumerate(document["elements"]):
         if element["type"] == "text":
-            resolved.append(("text", element["text"] or ""))
+            groups.append((pending, element["text"] or ""))
+            pending = []
             continue
         data = _image_bytes(element, images)
         if data is None:
             stats.images_missing += 1
-            handler(BadRecord(document["doc_id"], index, f"image not available (status={element.get('status')}, key={element.get('key')})"))
+            handler(BadRecord(doc_id, index, f"image not available (status={element.get('status')}, key={element.get('key')})"))
             continue
-        resolved.append(("image", data))
-    if not any(kind == "image" for kind, _ in resolved) and not any(text for kind, text in resolved):
+        pending.append(data)
+        n_images += 1
+    if not n_images and not any(text for _, text in groups):
         return None
+    draws = _uniforms(config.seed, doc_id)
     if document["kind"] == "pair":
-        texts = [value for kind, value in resolved if kind == "text"]
-        pictures = [value for kind, value in resolved if kind == "image"]
-        caption = " ".join(texts)
-        if config.pair_caption == "blip2" and recaptions is not None and document["doc_id"] in recaptions:
-            caption = recaptions[document["doc_id"]]
+        pictures = [data for group, _ in groups for data in group] + pending
+        caption = " ".join([text for _, text in groups])
+        if config.pair_caption == "blip2" and recaptions is not None and doc_id in recaptions:
+            caption = recaptions[doc_id]
         if config.lowercase_pair_captions:
             caption = caption.lower()
-        if rng.random() < config.pair_image_first_probability:
-            return [(pictures, caption, [])]
-        return [([], caption, pictures)]
-    units: list[tuple[list[bytes], str | None, list[bytes]]] = []
-    pending: list[bytes] = []
-    for kind, value in resolved:
-        if kind == "image":
-            pending.append(value)
+        if next(draws) < config.pair_image_first_probability:
+            return [(pictures, caption, _NO_IMAGES)]
+        return [(_NO_IMAGES, caption, pictures)]
+    after_probability = config.image_after_probability
+    units: list[Unit] = []
+    for pictures, text in groups:
+        if not pictures:
+            units.append((_NO_IMAGES, text, _NO_IMAGES))
             continue
-        before, after = [], []
-        for data in pending:
-            (after if rng.random() < config.image_after_probability else before).append(data)
-        units.append((before, value, after))
-        pending = []
+        before: list[bytes] = []
+        after: list[bytes] = []
+        for data in pictures:
+            (after if next(draws) < after_probability else before).append(data)
+        units.append((before, text, after))
     if pending:
-        units.append((pending, None, []))
+        units.append((pending, "", _NO_IMAGES))
     return units
 
 
@@ -259,17 +268,21 @@ def tokenize_documents(
     images: Mapping[str, bytes],
     recaptions: Mapping[str, str] | None = None,
     ids: TokenIds | None = None,
+    boi_token: str = TINY_BOI_TOKEN,
+    image_token: str = TINY_IMAGE_TOKEN,
     stats: PackingStats | None = None,
     handler: Handler = warn_and_continue,
 ) -> Iterator[TokenizedDocument]:
     """Tokenize documents (see the module docstring). ``images`` maps an element's download ``key``
     (or its ``url``) to encoded bytes; an image without bytes or with a failed status is left out
     and reported to ``handler``. ``recaptions`` maps pair ``doc_id`` to a BLIP-2 caption, used when
-    ``config.pair_caption == "blip2"``. ``tokenizer`` is a Hugging Face fast tokenizer."""
-    ids = ids or token_ids(tokenizer)
+    ``config.pair_caption == "blip2"``. ``tokenizer`` is a Hugging Face fast tokenizer; the image
+    tokens are looked up by their names ``boi_token`` and ``image_token`` (the model config's
+    ``LanguageConfig.boi_token`` / ``image_token``) unless ``ids`` gives them."""
+    ids = ids or token_ids(tokenizer, boi_token=boi_token, image_token=image_token)
     stats = stats if stats is not None else PackingStats()
     encoder = TextEncoder(tokenizer.backend_tokenizer, ids.eos)
-    batch: list[tuple[dict[str, Any], list]] = []
+    batch: list[tuple[dict[str, Any], list[Unit]]] = []
     for document in documents:
         units = _layout(document, config, images, recaptions, stats, handler)
         if units is None:
@@ -284,33 +297,32 @@ def tokenize_documents(
         yield from _tokenize_batch(batch, encoder, config, ids, stats)
 
 
-def _tokenize_batch(batch, encoder: TextEncoder, config: PackingConfig, ids: TokenIds, stats: PackingStats) -> Iterator[TokenizedDocument]:
-    texts = [text for _, units in batch for _, text, _ in units if text]
-    encoded = iter(encoder(texts))
-    image_block = [ids.boi] + [ids.image] * config.num_image_tokens
-    block = len(image_block)
+def _tokenize_batch(batch: list[tuple[dict[str, Any], list[Unit]]], encoder: TextEncoder, config: PackingConfig,
+                    ids: TokenIds, stats: PackingStats) -> Iterator[TokenizedDocument]:
+    encoded = iter(encoder([text for _, units in batch for _, text, _ in units if text]))
+    image_block = array(_INT32, [ids.boi] + [ids.image] * config.num_image_tokens)
+    first = array(_INT32, [ids.bos])
+    eos, block = ids.eos, len(image_block)
     for document, units in batch:
-        tokens = [ids.bos]
+        tokens = first[:]
         pictures: list[bytes] = []
         starts: list[int] = []
         breaks = [0]
         for before, text, after in units:
-            for data in before:
+            for _ in before:
                 starts.append(len(tokens))
-                tokens.extend(image_block)
-                pictures.append(data)
+                tokens += image_block
+            pictures += before
             if text:
-                text_ids = next(encoded)
-                tokens.extend(text_ids)
-                stats.text_tokens += len(text_ids)
-            for data in after:
+                tokens.extend(next(encoded))
+            for _ in after:
                 starts.append(len(tokens))
-                tokens.extend(image_block)
-                pictures.append(data)
+                tokens += image_block
+            pictures += after
             breaks.append(len(tokens))
-        tokens.append(ids.eos)
+        tokens.append(eos)
         breaks[-1] = len(tokens)  # </s> belongs to the last unit
-        stats.text_tokens += 2
+        stats.text_tokens += len(tokens) - block * len(pictures)
         stats.image_tokens += block * len(pictures)
         stats.images += len(pictures)
         stats.documents += 1
@@ -320,7 +332,7 @@ def _tokenize_batch(batch, encoder: TextEncoder, config: PackingConfig, ids: Tok
 # 2. pack ----------------------------------------------------------------------------------------
 class _Builder:
     def __init__(self) -> None:
-        self.tokens: list[int] = []
+        self.tokens = array(_INT32)
         self.cu = [0]
         self.doc_ids: list[str] = []
         self.parts: list[int] = []
@@ -329,18 +341,22 @@ class _Builder:
         self.kinds: list[str] = []
 
     def add(self, doc: TokenizedDocument, start: int, end: int, part: int) -> None:
-        self.tokens.extend(doc.tokens[start:end])
+        if start == 0 and end == len(doc.tokens):
+            self.tokens += doc.tokens
+            self.images += doc.images
+        else:
+            self.tokens += doc.tokens[start:end]
+            lo = bisect.bisect_left(doc.image_starts, start)
+            hi = bisect.bisect_left(doc.image_starts, end)
+            self.images += doc.images[lo:hi]
         self.cu.append(len(self.tokens))
         self.doc_ids.append(doc.doc_id)
         self.parts.append(part)
         self.offsets.append(start)
         self.kinds.append(doc.kind)
-        lo = bisect.bisect_left(doc.image_starts, start)
-        hi = bisect.bisect_left(doc.image_starts, end)
-        self.images.extend(doc.images[lo:hi])
 
     def build(self) -> PackedSequence:
-        return PackedSequence(np.asarray(self.tokens, dtype=np.int32), np.asarray(self.cu, dtype=np.int32),
+        return PackedSequence(np.frombuffer(self.tokens, dtype=np.int32), np.asarray(self.cu, dtype=np.int32),
                               self.doc_ids, self.parts, self.offsets, self.images, self.kinds)
 
 
@@ -361,9 +377,11 @@ def pack_tokenized(
     *,
     stats: PackingStats | None = None,
 ) -> Iterator[PackedSequence]:
-    """Greedy packing into sequences of at most ``config.max_length`` tokens (see module docstring)."""
+    """Greedy packing into sequences of at most ``config.max_length`` tokens and at most
+    ``config.max_images_per_sequence`` images (see module docstring)."""
     stats = stats if stats is not None else PackingStats()
     max_length = config.max_length
+    max_images = config.max_images_per_sequence
     block = config.num_image_tokens + 1
     current = _Builder()
 
@@ -378,19 +396,23 @@ def pack_tokenized(
 
     for doc in documents:
         n = len(doc.tokens)
-        free = max_length - len(current.tokens)
-        if n <= free:
+        images_fit_here = max_images is None or len(current.images) + len(doc.images) <= max_images
+        images_fit_alone = max_images is None or len(doc.images) <= max_images
+        if n <= max_length - len(current.tokens) and images_fit_here:
             current.add(doc, 0, n, 0)
             continue
-        if n <= max_length:
+        if n <= max_length and images_fit_alone:
             yield from flush()
             current.add(doc, 0, n, 0)
             continue
         stats.split_documents += 1
         start, part = 0, 0
         while start < n:
-            free = max_length - len(current.tokens)
-            limit = start + free
+            limit = start + max_length - len(current.tokens)
+            if max_images is not None:  # the part must end before the first image over the cap
+                over = bisect.bisect_left(doc.image_starts, start) + max_images - len(current.images)
+                if over < len(doc.image_starts):
+                    limit = min(limit, doc.image_starts[over])
             if limit >= n:
                 current.add(doc, start, n, part)
                 break
@@ -416,12 +438,16 @@ def pack_documents(
     recaptions: Mapping[str, str] | None = None,
     stats: PackingStats | None = None,
     handler: Handler = warn_and_continue,
+    boi_token: str = TINY_BOI_TOKEN,
+    image_token: str = TINY_IMAGE_TOKEN,
 ) -> Iterator[PackedSequence]:
     """Normalized documents -> packed sequences: :func:`tokenize_documents` then :func:`pack_tokenized`.
+    ``boi_token`` and ``image_token`` name the tokenizer's image tokens (the model config's
+    ``LanguageConfig.boi_token`` / ``image_token``; the defaults are the tiny preset's).
     ``stats`` (if given) is filled as the generator runs; ``stats.seconds`` is the wall time spent."""
     stats = stats if stats is not None else PackingStats()
     tokenized = tokenize_documents(documents, tokenizer, config, images=images, recaptions=recaptions,
-                                   stats=stats, handler=handler)
+                                   boi_token=boi_token, image_token=image_token, stats=stats, handler=handler)
     packed = pack_tokenized(tokenized, config, stats=stats)
     while True:
         start = time.perf_counter()

@@ -62,7 +62,7 @@ def _check(sequences, tokenized, config, ids, stats):
     rebuilt = unpack(sequences, ids.boi)
     assert set(rebuilt) == set(by_id)
     for doc_id, (tokens, images) in rebuilt.items():
-        assert tokens == by_id[doc_id].tokens
+        assert tokens == by_id[doc_id].tokens.tolist()
         assert images == by_id[doc_id].images
 
 
@@ -73,18 +73,22 @@ def _check(sequences, tokenized, config, ids, stats):
     max_length=st.integers(40, 400),
     num_image_tokens=st.integers(1, 24),
     after=st.sampled_from([0.0, 0.5, 1.0]),
+    max_images=st.sampled_from([None, None, 1, 2, 3]),
 )
-def test_packing_properties(seed, n_docs, max_length, num_image_tokens, after):
+def test_packing_properties(seed, n_docs, max_length, num_image_tokens, after, max_images):
     rng = random.Random(seed)
     documents = [_document(rng.randint(1, 8), i, rng) for i in range(n_docs)]
     images = {e["key"]: e["key"].encode() for d in documents for e in d["elements"] if e["type"] == "image"}
-    config = PackingConfig(max_length=max_length, num_image_tokens=num_image_tokens, image_after_probability=after, seed=seed)
+    config = PackingConfig(max_length=max_length, num_image_tokens=num_image_tokens, image_after_probability=after,
+                           seed=seed, max_images_per_sequence=max_images)
     tok = tokenizer()
     ids = token_ids(tok)
     stats = PackingStats()
     tokenized = list(tokenize_documents(documents, tok, config, images=images, stats=stats))
     sequences = list(pack_tokenized(tokenized, config, stats=stats))
     _check(sequences, tokenized, config, ids, stats)
+    if max_images is not None:
+        assert max(len(s.images) for s in sequences) <= max_images
     assert stats.images == len(images) and stats.images_missing == 0
     assert sum(len(s) for s in sequences) == stats.tokens == sum(len(d.tokens) for d in tokenized)
     # deterministic given the seed
@@ -155,8 +159,73 @@ def test_long_sentence_is_cut_outside_images_and_missing_images_are_reported():
     assert stats.images_missing == 1 and log.count == 1 and "failed_to_download" in log.records[0].reason
 
 
+def _story(doc_id, images_per_sentence, words=3):
+    """An interleaved document: per sentence, its images (keys ``doc_id/s/i``) then the sentence."""
+    elements = []
+    for s, count in enumerate(images_per_sentence):
+        for i in range(count):
+            element = image_element(f"http://x/{doc_id}/{s}/{i}.jpg", matched_text_index=s)
+            element.update(key=f"{doc_id}/{s}/{i}", status="ok")
+            elements.append(element)
+        elements.append(text_element(" ".join(["red"] * words), s))
+    return make_document(doc_id=doc_id, source="test", kind="interleaved", elements=elements)
+
+
+def test_image_cap_moves_images_to_the_next_sequence_without_dropping_any():
+    tok = tokenizer()
+    ids = token_ids(tok)
+    # a long story (5 sentences, 1 image each), then a short one with 2 images, then a pair
+    documents = [_story("long", [1, 1, 1, 1, 1]), _story("short", [2, 0])]
+    documents.append(make_document(doc_id="pair", source="test", kind="pair", elements=_story("p", [1])["elements"]))
+    images = {e["key"]: e["key"].encode() for d in documents for e in d["elements"] if e["type"] == "image"}
+    config = PackingConfig(max_length=2048, num_image_tokens=4, max_images_per_sequence=2)
+    stats = PackingStats()
+    tokenized = list(tokenize_documents(documents, tok, config, images=images, stats=stats))
+    sequences = list(pack_tokenized(tokenized, config, stats=stats))
+    _check(sequences, tokenized, config, ids, stats)
+    # without the cap everything fits in one 2048-token sequence; with it: 2 + 2 + (1 + ...) images
+    assert len(list(pack_tokenized(tokenized, PackingConfig(max_length=2048, num_image_tokens=4)))) == 1
+    assert [len(s.images) for s in sequences] == [2, 2, 1, 2, 1]
+    assert [s.doc_ids for s in sequences] == [["long"], ["long"], ["long"], ["short"], ["pair"]]
+    assert [s.parts for s in sequences[:3]] == [[0], [1], [2]]
+    assert stats.split_documents == 1 and stats.forced_splits == 0 and stats.images == 8
+
+
+def test_image_cap_cuts_inside_a_unit_with_more_images_than_the_cap_before_a_boi():
+    tok = tokenizer()
+    ids = token_ids(tok)
+    document = _story("crowded", [5])
+    images = {e["key"]: e["key"].encode() for e in document["elements"] if e["type"] == "image"}
+    config = PackingConfig(num_image_tokens=4, max_images_per_sequence=2, image_after_probability=0.0)
+    stats = PackingStats()
+    tokenized = list(tokenize_documents([document], tok, config, images=images, stats=stats))
+    sequences = list(pack_tokenized(tokenized, config, stats=stats))
+    _check(sequences, tokenized, config, ids, stats)
+    assert [len(s.images) for s in sequences] == [2, 2, 1]
+    assert all(int(s.input_ids[0]) in (ids.bos, ids.boi) for s in sequences)  # every cut falls before a <BoI>
+    assert stats.forced_splits == 2
+
+
+def test_image_token_names_come_from_the_caller():
+    """The paper preset's tokenizer names its image tokens differently: pack_documents takes the names."""
+    world = generate_world(WorldConfig(seed=0, n_pairs=20, n_stories=4))
+    tok = train_tokenizer(world_texts(world), boi_token="<|beginofimage|>", image_token="<|image|>")
+    documents, images = world_documents(world), world_images(world)
+    config = PackingConfig(max_length=256, num_image_tokens=4)
+    with pytest.raises(ValueError, match="lacks"):
+        next(pack_documents(documents, tok, config, images=images))
+    sequences = list(pack_documents(documents, tok, config, images=images,
+                                    boi_token="<|beginofimage|>", image_token="<|image|>"))
+    boi, image = tok.convert_tokens_to_ids(["<|beginofimage|>", "<|image|>"])
+    assert sum(int((s.input_ids == boi).sum()) for s in sequences) == len(images)
+    assert sum(int((s.input_ids == image).sum()) for s in sequences) == 4 * len(images)
+    assert sum(len(s.images) for s in sequences) == len(images)
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError):
         PackingConfig(max_length=10, num_image_tokens=64)
     with pytest.raises(ValueError):
         PackingConfig(pair_caption="other")
+    with pytest.raises(ValueError, match="max_images_per_sequence"):
+        PackingConfig(max_images_per_sequence=0)

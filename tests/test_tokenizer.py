@@ -35,7 +35,7 @@ def test_token_ids_refuses_tokenizer_without_image_tokens():
         token_ids(train_bpe_tokenizer(["a red circle"], vocab_size=64))
 
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from pipelines.tokenizer import TextEncoder  # noqa: E402
@@ -54,6 +54,9 @@ _TEXT = st.lists(_PIECES, max_size=20).map("".join)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(texts=st.lists(_TEXT, min_size=1, max_size=12))
+# texts are joined with NUL for the word cache: whitespace, punctuation and contractions at either side of a join
+@example(texts=["a  ", " b", "x.", "'s", "", "\t", "end ", "?!", "  ", "7"])
+@example(texts=["a\x00b", "c "])
 def test_text_encoder_matches_one_by_one_encoding_in_every_mode(texts):
     encoder = TextEncoder(_TOKENIZER.backend_tokenizer, token_ids(_TOKENIZER).eos)
     assert encoder.mode == "words"  # byte-level BPE: the pre-token cache
@@ -80,3 +83,32 @@ def test_text_encoder_on_world_texts_and_other_tokenizers():
     assert other.mode in ("joined", "separate")
     probe = texts[:50] + [" x", "y ", "A  B", "</s> inside"]
     assert other(probe) == [backend.encode(t, add_special_tokens=False).ids for t in probe]
+
+
+_PLAIN_TEXT = st.lists(st.sampled_from(list("abcXYZ019 '\t\n\r.,!?_-") + ["'s", "'ll", "'d", "  ", " \n"]), max_size=12).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(_PLAIN_TEXT, min_size=1, max_size=8))
+def test_joined_pre_tokenization_matches_the_byte_level_pre_tokenizer_per_text(texts):
+    """The word cache's contract: pre-tokenizing plain texts joined with NUL gives, between the NULs,
+    each text's pre-tokens exactly as the Rust ByteLevel pre-tokenizer splits it alone (whatever
+    the vocabulary, so a tokenizer without merges over whitespace cannot hide a difference)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from pipelines.tokenizer import _ASCII_BYTE_LEVEL, _TEXT_END
+
+    def byte_level(word):  # GPT-2's byte-to-unicode map on plain ASCII: controls and space move up by 256
+        return "".join(chr(ord(c) + 256) if ord(c) <= 32 else c for c in word)
+
+    words = _ASCII_BYTE_LEVEL.findall(_TEXT_END.join(texts))
+    per_text, current = [], []
+    for word in words:
+        if word == _TEXT_END:
+            per_text.append(current)
+            current = []
+        else:
+            current.append(byte_level(word))
+    per_text.append(current)
+    reference = ByteLevel(add_prefix_space=False, use_regex=True)
+    assert per_text == [[w for w, _ in reference.pre_tokenize_str(t)] for t in texts]
