@@ -13,8 +13,13 @@ Each resource has the real implementation and the sample world's small one, both
   open_clip model (ViT-L/14 in the paper) from a local checkpoint.
 - Tokenizer sources: :class:`SampleWorldTokenizer` trains the tiny BPE on the world's texts,
   :class:`PretrainedTokenizer` loads an LLM's tokenizer from a local directory.
+- Captioners, used by the ``captioner`` and ``recaptions`` assets: :class:`SampleWorldCaptioner` trains
+  the tiny BLIP-2 on the clean pairs of a world of another seed, :class:`PretrainedCaptioner` loads a
+  BLIP-2 directory (OPT-2.7B in the paper) from local disk.
 """
 
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -32,9 +37,13 @@ from pipelines.clip_score import ClipScorer, ScorerTraining, evaluate_scorer, tr
 from pipelines.download import DownloadConfig, DownloadResult, download_documents
 from pipelines.hosts import HostPolicy
 from pipelines.image_server import FaultConfig, ImageServer
+from pipelines.recaption import (
+    Captioner, CaptionerTraining, captioner_training_world, evaluate_recaptioning, model_digest, train_world_captioner,
+)
 from pipelines.sample_world import WorldConfig, generate_world
 from pipelines.sample_world.world import SampleWorld as World
 from pipelines.tokenizer import TINY_BOI_TOKEN, TINY_IMAGE_TOKEN, load_tokenizer, train_tokenizer, world_texts
+from pipelines.torch_threads import cpu_threads
 
 SOURCE_SUFFIXES = {"mmc4": (".jsonl", ".jsonl.zip"), "laion": (".parquet",), "cc12m": (".tsv",)}
 """Sub-folders of the watched raw folder and the file names a reader exists for."""
@@ -264,7 +273,7 @@ class SampleWorldClipScorer(dg.ConfigurableResource):
                                   image_size=self.image_size)
         training_world = generate_world(replace(self.world.config(), seed=self.world.seed + 1000,
                                                 n_pairs=self.training_pairs, n_stories=self.training_stories))
-        with _torch_threads(self.torch_threads):
+        with cpu_threads(self.torch_threads):
             scorer, report = train_world_scorer(training_world, out_dir, training)
         held_out = generate_world(replace(self.world.config(), seed=self.world.seed + 1))
         return {"kind": "sample_world_tiny_clip", "directory": str(out_dir), "threshold": scorer.threshold,
@@ -272,17 +281,6 @@ class SampleWorldClipScorer(dg.ConfigurableResource):
 
     def load(self, manifest: dict[str, Any]) -> ClipScorer:
         return ClipScorer.load(manifest["directory"], device=self.device)
-
-
-@contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class PretrainedClipScorer(dg.ConfigurableResource):
@@ -304,3 +302,64 @@ class PretrainedClipScorer(dg.ConfigurableResource):
     def load(self, manifest: dict[str, Any]) -> ClipScorer:
         return ClipScorer.from_pretrained(manifest["model_name"], manifest["checkpoint"], device=self.device,
                                           batch_size=self.batch_size)
+
+
+class SampleWorldCaptioner(dg.ConfigurableResource):
+    """The sample world's captioner: a tiny BLIP-2 trained on a world of another seed whose pairs all
+    carry their true caption, evaluated on the noisy alt-text pairs of the world it recaptions."""
+
+    world: SampleWorld
+    steps: int = CaptionerTraining.steps
+    train_batch_size: int = CaptionerTraining.batch_size
+    lr: float = CaptionerTraining.lr
+    image_size: int = Field(default=CaptionerTraining.image_size, description="Model input size in pixels.")
+    training_pairs: int = 12_000
+    """Pairs of the captioner's own training world (another seed than the world it recaptions, no alt-texts,
+    no mismatches). Fresh scenes, not more steps, are what make it generalise: on ~2k pairs the tiny model
+    memorises its training images and recaptions new ones no better than chance."""
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = Field(default=32, description="Images per generate call when captioning.")
+    max_new_tokens: int = 64
+    torch_threads: int = Field(default=1, description=(
+        "CPU threads while training and evaluating (see SampleWorldClipScorer); 0 keeps torch's setting."))
+
+    def build(self, out_dir: Path) -> dict[str, Any]:
+        training = CaptionerTraining(steps=self.steps, batch_size=self.train_batch_size, lr=self.lr,
+                                     image_size=self.image_size, seed=self.seed)
+        training_world = captioner_training_world(replace(self.world.config(), seed=self.world.seed + 2000),
+                                                  self.training_pairs)
+        with cpu_threads(self.torch_threads):
+            _, report = train_world_captioner(training_world, out_dir, training)
+            manifest = {"kind": "sample_world_tiny_blip2", "directory": str(out_dir), "version": model_digest(out_dir),
+                        "training": report}
+            manifest["evaluation"] = evaluate_recaptioning(self.load(manifest), self.world.generate())
+        return manifest
+
+    def load(self, manifest: dict[str, Any]) -> Captioner:
+        return Captioner.from_pretrained(manifest["directory"], device=self.device, batch_size=self.batch_size,
+                                         max_new_tokens=self.max_new_tokens)
+
+
+class PretrainedCaptioner(dg.ConfigurableResource):
+    """A BLIP-2 directory (``save_pretrained`` layout: processor + model) on local disk, never downloaded."""
+
+    path: str
+    device: str = "cpu"
+    dtype: str = Field(default="float32", description="torch dtype name, e.g. float16 on a GPU.")
+    batch_size: int = 32
+    max_new_tokens: int = 30
+
+    def build(self, out_dir: Path) -> dict[str, Any]:
+        """The directory as it is: its files' sizes and modification times identify the version (hashing
+        the ~15 GB of BLIP-2 OPT-2.7B on every run would cost minutes). ``out_dir`` is not written."""
+        directory = Path(self.path)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"BLIP-2 directory {directory} has no config.json (weft never downloads weights)")
+        files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(directory.iterdir()) if p.is_file()}
+        version = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        return {"kind": "pretrained", "directory": str(directory), "version": version, "files": files}
+
+    def load(self, manifest: dict[str, Any]) -> Captioner:
+        return Captioner.from_pretrained(manifest["directory"], device=self.device, dtype=getattr(torch, self.dtype),
+                                         batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)

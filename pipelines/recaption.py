@@ -21,6 +21,7 @@ credit over the (size, colour, shape, position) and (digit, position) facts a ca
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -31,7 +32,7 @@ import string
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from transformers import (
 from pipelines.documents import IMAGE_STATUS_OK
 from pipelines.errors import BadRecord, Handler, warn_and_continue
 from pipelines.sample_world.scenes import COLOURS, SHAPES, SIZES
-from pipelines.sample_world.world import SampleWorld, caption
+from pipelines.sample_world.world import SampleWorld, WorldConfig, caption, generate_world
 from pipelines.tokenizer import train_tokenizer, world_texts
 from pipelines.world_data import world_documents, world_images, world_truth
 
@@ -108,6 +109,23 @@ class Captioner:
             # 'out' repeats the prompt (image placeholders + <s>) for decoder-only LMs; both are special tokens
             captions.extend(text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True))
         return captions
+
+
+def model_digest(directory: str | os.PathLike) -> str:
+    """sha256 over a saved captioner's weights (``*.safetensors``) and ``tokenizer.json``: its version,
+    which names the recaptions it made. A retrained model with identical weights keeps its version;
+    ``config.json`` is left out because a load → save round trip rewrites it with the same meaning."""
+    digest = hashlib.sha256()
+    root = Path(directory)
+    weights, tokenizer = sorted(root.glob("*.safetensors")), root / "tokenizer.json"
+    if not weights or not tokenizer.is_file():
+        raise FileNotFoundError(f"{root}: need *.safetensors and tokenizer.json (Captioner.save_pretrained layout)")
+    for path in [*weights, tokenizer]:
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _as_image(data: Image.Image | bytes) -> Image.Image:
@@ -210,8 +228,9 @@ def tiny_blip2_config(tokenizer: PreTrainedTokenizerBase, image_token_index: int
                       num_query_tokens: int = 16) -> Blip2Config:
     """A BLIP-2 (ViT + Q-Former + OPT) of ~0.5 M parameters for the tokenizer's vocabulary."""
     return Blip2Config(
+        # the vision default initializer_range (1e-10) assumes pretrained weights get loaded; from scratch: 0.02
         vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": image_size, "patch_size": 8},
+                       "image_size": image_size, "patch_size": 8, "initializer_range": 0.02},
         qformer_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                         "cross_attention_frequency": 1},
         text_config={"model_type": "opt", "vocab_size": len(tokenizer), "hidden_size": 128, "word_embed_proj_dim": 128,
@@ -232,7 +251,12 @@ def tiny_captioner(tokenizer: PreTrainedTokenizerBase, *, image_size: int = 64, 
     image_token_index = tokenizer.convert_tokens_to_ids(processor.image_token.content)
     torch.manual_seed(seed)
     config = tiny_blip2_config(tokenizer, image_token_index, image_size=image_size, num_query_tokens=num_query_tokens)
-    return Captioner(Blip2ForConditionalGeneration(config), processor, **kwargs)
+    model = Blip2ForConditionalGeneration(config)
+    # transformers zero-initialises the query tokens (pretrained checkpoints overwrite them); identical
+    # queries get identical gradients and never tell apart, so draw them as BLIP-2's own training does
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
+    return Captioner(model, processor, **kwargs)
 
 
 def world_caption_pairs(world: SampleWorld) -> list[tuple[str, str]]:
@@ -245,9 +269,18 @@ def world_caption_pairs(world: SampleWorld) -> list[tuple[str, str]]:
     return out
 
 
+def captioner_training_world(config: WorldConfig, n_pairs: int) -> SampleWorld:
+    """A world like ``config`` (seed, image size) of ``n_pairs`` pairs that all carry their true caption
+    (no stories, alt-texts or mismatches): the captioner's training data, every image a fresh scene."""
+    return generate_world(replace(config, n_pairs=n_pairs, n_stories=0, alt_text_rate=0.0, mismatch_rate=0.0))
+
+
 @dataclass(frozen=True)
 class CaptionerTraining:
-    steps: int = 1500
+    """AdamW with warmup + cosine. The defaults take ~80 s on one CPU core (~0.13 s a step at batch 32):
+    the sample world's demo budget."""
+
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -281,10 +314,13 @@ def train_world_captioner(world: SampleWorld, out_dir: str | os.PathLike | None 
     captioner = tiny_captioner(tokenizer, image_size=config.image_size, num_query_tokens=config.num_query_tokens,
                                seed=config.seed)
     model = captioner.model.train()
-    # 1. data: decoded JPEGs (what the download stage gives) → pixels; captions → <image>*Q <s> text </s>
+    # 1. data: JPEGs at the world's size (what the download stage gives), resized by the processor
+    #    exactly as at captioning time → pixels; captions → <image>*Q <s> text </s>
     pairs = world_caption_pairs(world)
-    jpegs = world_images(world, config.image_size)
-    pixels = captioner.pixel_values([_as_image(jpegs[key]) for key, _ in pairs])
+    jpegs = world_images(world)
+    chunk = 512  # the processor's float intermediates for every image at once would cost several GB
+    pixels = torch.cat([captioner.pixel_values([_as_image(jpegs[key]) for key, _ in pairs[i: i + chunk]])
+                        for i in range(0, len(pairs), chunk)])
     ids = _caption_ids(captioner, [text for _, text in pairs])
     # 2. optimise
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -1,4 +1,5 @@
-"""Resources on their own: storage paths, the sample world's image source, the scorer's thread cap."""
+"""Resources on their own: storage paths, the sample world's image source, the scorer's thread cap, the
+pretrained captioner's directory."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -6,13 +7,17 @@ import pytest
 import torch
 
 from orchestration.resources import (
-    SAMPLE_WORLD_BASE_URL, SampleWorld, SampleWorldImages, Storage, _forget_other_server, _torch_threads,
+    SAMPLE_WORLD_BASE_URL, PretrainedCaptioner, SampleWorld, SampleWorldImages, Storage, _forget_other_server,
 )
 from pipelines.documents import read_documents
 from pipelines.download import DownloadConfig
 from pipelines.image_server import ImageServer
 from pipelines.readers import read_source
+from pipelines.recaption import tiny_captioner
 from pipelines.sample_world import write_metadata
+from pipelines.tokenizer import train_tokenizer, world_texts
+from pipelines.torch_threads import cpu_threads
+from pipelines.world_data import world_images
 
 
 def test_partition_paths_stay_under_the_stage_folder(tmp_path):
@@ -53,8 +58,25 @@ def test_sample_world_images_download_over_loopback_with_faults(tmp_path):
     assert all(d["elements"][0]["url"].startswith(base_url + "/images/") for d in downloaded)
 
 
-def test_torch_threads_are_restored(tmp_path):
+def test_torch_threads_are_restored_even_after_an_error():
     before = torch.get_num_threads()
-    with _torch_threads(1):
+    with pytest.raises(RuntimeError, match="boom"), cpu_threads(1):
         assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def test_pretrained_captioner_is_a_local_directory_named_by_its_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        PretrainedCaptioner(path=str(tmp_path / "missing")).build(tmp_path / "unused")
+    world = SampleWorld(n_pairs=4, n_stories=1, n_eval=1).generate()
+    saved = tiny_captioner(train_tokenizer(world_texts(world)), max_new_tokens=4).save_pretrained(tmp_path / "blip2")
+    source = PretrainedCaptioner(path=str(saved), batch_size=2, max_new_tokens=4)
+    manifest = source.build(tmp_path / "unused")
+    assert manifest["kind"] == "pretrained" and "config.json" in manifest["files"]
+    assert source.build(tmp_path / "unused")["version"] == manifest["version"]  # unchanged files, same version
+    assert not (tmp_path / "unused").exists()
+    image = world_images(world)[world.pairs[0].image_id]
+    assert len(source.load(manifest).caption([image, image])) == 2
+    (saved / "config.json").touch()
+    assert source.build(tmp_path / "unused")["version"] != manifest["version"]
