@@ -2,6 +2,8 @@
 #   make demo   bootstrap .venv (idempotent) and run the main job on the embedded sample world
 #   make test   bootstrap .venv (idempotent) and run the default test suite
 #   make ui     the Dagster UI on http://127.0.0.1:3000 (same instance as make demo)
+#   make ablation  the MMFS ablation (paper Tab. 6(a)) on the demo's data (slow)
+#   make bench  the op's and the data pipeline's benchmarks
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +18,7 @@ DAGSTER := DAGSTER_HOME=$(CURDIR)/dagster_home $(VENV)/bin/dagster
 # The sample world's raw shards, as dynamic partitions: the whole set in one run.
 SAMPLE_WORLD_SHARDS := {"dagster/asset_partition_range_start": "mmc4/docs_shard_0_v2.jsonl.zip", "dagster/asset_partition_range_end": "cc12m/cc12m-00000.tsv"}
 
-.PHONY: setup demo test ui bench
+.PHONY: setup demo test ui bench ablation
 
 setup: $(STAMP)
 
@@ -26,12 +28,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# 1. write the sample world and register its shards; 2. run the whole data graph over them.
+# 1. write the sample world and register its shards; 2. run the data graph over them, train the checkpoint
+# on its shards and write the evaluation report.
 demo: setup
 	mkdir -p dagster_home
 	$(DAGSTER) asset materialize -m orchestration.definitions --select sample_world
-	$(DAGSTER) job execute -m orchestration.definitions -j sample_world_data \
+	$(DAGSTER) job execute -m orchestration.definitions -j sample_world_main \
 		-c orchestration/presets/sample_world.yaml --tags '$(SAMPLE_WORLD_SHARDS)'
+	@echo "report: $$(ls -td data/evaluation_report/*/ | head -1)report.md"
+
+ablation: setup
+	$(DAGSTER) job execute -m orchestration.definitions -j mmfs_ablation
 
 ui: setup
 	mkdir -p dagster_home
@@ -42,3 +49,4 @@ test: setup
 
 bench: setup
 	$(PY) -m cuda_ops.bench
+	$(PY) -m pipelines.bench

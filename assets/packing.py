@@ -7,6 +7,8 @@ from dataclasses import asdict
 
 import dagster as dg
 import numpy as np
+import pyarrow.parquet as pq
+from pydantic import Field
 
 from assets.download import downloaded_image_bytes
 from assets.metadata import data_version, table
@@ -14,6 +16,7 @@ from orchestration.resources import PretrainedTokenizer, QualityBounds, SampleWo
 from pipelines.documents import read_documents
 from pipelines.errors import BadRecordLog
 from pipelines.packing import PackedSequence, PackingConfig, PackingStats, pack_documents
+from pipelines.recaption import recaptions_mapping
 from pipelines.shards import read_index, verify_shards, write_shards
 from pipelines.tokenizer import load_tokenizer, save_tokenizer, token_ids
 
@@ -38,13 +41,21 @@ class PackingSettings(dg.Config):
     num_image_tokens: int = 64
     image_after_probability: float = 0.5
     pair_image_first_probability: float = 0.5
+    pair_caption: str = Field(default="blip2", description=(
+        "original | blip2: a pair's text is its BLIP-2 recaption for the shards the recaptions asset "
+        "recaptioned (its `sources`, CC-12M as in the paper), the source text elsewhere."))
+    max_images_per_sequence: int | None = Field(default=None, description=(
+        "at most this many images in one packed sequence (a document with more continues in the next one); "
+        "null: no cap"))
     seed: int = 0
     samples_per_shard: int = 64
 
     def to_config(self) -> PackingConfig:
         return PackingConfig(max_length=self.max_length, num_image_tokens=self.num_image_tokens,
                              image_after_probability=self.image_after_probability,
-                             pair_image_first_probability=self.pair_image_first_probability, seed=self.seed)
+                             pair_image_first_probability=self.pair_image_first_probability,
+                             pair_caption=self.pair_caption,
+                             max_images_per_sequence=self.max_images_per_sequence, seed=self.seed)
 
 
 @dg.asset(group_name="packing", kinds={"webdataset"})
@@ -55,16 +66,21 @@ def packed_sequences(
     tokenizer: dict,
     filtered_documents: dict,
     downloaded_images: dict,
+    recaptions: dict,
 ) -> dg.Output[dict]:
     """Tokenize and pack every filtered shard's documents and write them as WebDataset tars with an index
-    (sample count, bytes, sha256 per shard). The output folder is named by the inputs' fingerprint, so an
+    (sample count, bytes, sha256 per shard). With ``pair_caption: blip2`` a pair's text is its recaption
+    where its shard was recaptioned. The output folder is named by the inputs' fingerprint, so an
     interrupted run resumes and changed inputs never mix with old shards."""
     settings = config.to_config()
-    text_tokenizer = load_tokenizer(tokenizer["path"], boi_token=tokenizer["source"]["boi_token"],
-                                    image_token=tokenizer["source"]["image_token"])
+    image_token_names = {k: tokenizer["source"][k] for k in ("boi_token", "image_token")}
+    text_tokenizer = load_tokenizer(tokenizer["path"], **image_token_names)
     thresholds = {k: m["thresholds"] for k, m in filtered_documents.items()}
+    recaptioned = {k: m for k, m in recaptions.items() if settings.pair_caption == "blip2" and m["recaptioned"]}
     meta = {"packing": settings.to_dict(), "tokenizer": tokenizer["source"], "filter_thresholds": thresholds,
-            "documents": {k: m["path"] for k, m in filtered_documents.items()}}
+            "documents": {k: m["path"] for k, m in filtered_documents.items()},
+            "recaptions": {k: {"path": m["path"], "captioner_version": m["captioner_version"]}
+                           for k, m in recaptioned.items()}}
     fingerprint = data_version(meta, config.samples_per_shard).value
     out = storage.path("packed_sequences", fingerprint)
     totals = PackingStats()
@@ -75,8 +91,11 @@ def packed_sequences(
         for key, filtered in sorted(filtered_documents.items()):
             stats = PackingStats()
             images = downloaded_image_bytes(downloaded_images[key])
-            packed: Iterator[PackedSequence] = pack_documents(read_documents(filtered["path"]), text_tokenizer,
-                                                              settings, images=images, stats=stats, handler=skipped)
+            captions = (recaptions_mapping(pq.read_table(recaptioned[key]["path"]).to_pylist())
+                        if key in recaptioned else None)
+            packed: Iterator[PackedSequence] = pack_documents(
+                read_documents(filtered["path"]), text_tokenizer, settings, images=images, recaptions=captions,
+                stats=stats, handler=skipped, **image_token_names)
             for sequence in packed:
                 yield sequence.to_sample(f"{n:09d}")
                 n += 1
@@ -104,6 +123,7 @@ def packed_sequences(
                          for s in index.shards}, ("shard", "")),
         "bytes": index.bytes,
         "filter_thresholds": thresholds,
+        "recaptioned_shards": sorted(recaptioned),
         "packing": settings.to_dict(),
         "path": dg.MetadataValue.path(str(out)),
     }

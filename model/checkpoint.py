@@ -57,6 +57,22 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def model_dir(path: str | os.PathLike) -> Path:
+    """The ``model/`` folder (``MMInterleaved.from_pretrained``) named by ``path``: a run folder
+    (its latest checkpoint), a ``step-*`` checkpoint folder, or a ``model/`` folder itself."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / MODEL_DIR / "config.json").is_file():
+        return path / MODEL_DIR
+    if (path / CHECKPOINTS).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} is a run folder with no saved checkpoint yet")
+        return latest / MODEL_DIR
+    raise FileNotFoundError(f"{path}: not a model folder (no config.json), a step-* checkpoint or a run folder")
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's RNG states as tensors (torch CPU and CUDA, Python, NumPy)."""
     state = {"torch": torch.get_rng_state()}

@@ -232,3 +232,31 @@ class ImageDecoder(nn.Module):
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = scheduler.step(prediction, t, latents).prev_sample
         return self.decode_latents(latents)
+
+
+def fit_vae(vae: AutoencoderKL, images: Tensor, *, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
+            kl_weight: float = 1e-6, seed: int = 0) -> list[float]:
+    """Fit a randomly initialised VAE to ``images (N, 3, H, W)`` in ``[0, 1]`` (reconstruction MSE + a small KL),
+    then set its ``scaling_factor`` so that scaled latents have unit variance, and freeze it again.
+
+    The ``tiny`` preset's stand-in for Stable Diffusion's pretrained VAE: with a random frozen VAE the
+    decoder's images are noise whatever the UNet learns. Returns the loss of every step.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vae.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        x = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)] * 2 - 1
+        posterior = vae.encode(x.to(vae.dtype)).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=None)).sample
+        loss = F.mse_loss(reconstruction.float(), x.float()) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())  # host-device sync, once per step
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        std = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in images.split(batch_size)]).std()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+    return losses

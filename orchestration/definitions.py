@@ -7,7 +7,8 @@ Dagster's example projects); everything else comes from run config:
   served over loopback HTTP, with the tiny BPE tokenizer;
 - ``real_data``: raw metadata shards in ``$WEFT_RAW_DIR`` (the sensor's watched folder, laid out as
   ``mmc4/``, ``laion/``, ``cc12m/``), outputs under ``$WEFT_DATA_ROOT``, images fetched from the web,
-  the LLM's tokenizer from ``$WEFT_TOKENIZER_DIR``, CLIP ViT-L/14 weights from ``$WEFT_CLIP_CHECKPOINT``. Op settings: ``orchestration/presets/*.yaml``.
+  the LLM's tokenizer from ``$WEFT_TOKENIZER_DIR``, CLIP ViT-L/14 weights from ``$WEFT_CLIP_CHECKPOINT``,
+  a BLIP-2 directory from ``$WEFT_BLIP2_DIR``. Op settings: ``orchestration/presets/*.yaml``.
 
 Instance storage is ``$DAGSTER_HOME`` (the project's ``dagster_home/`` in the Makefile); for a cluster
 see ``orchestration/presets/dagster_cluster.yaml``.
@@ -19,20 +20,29 @@ import dagster as dg
 
 from assets.clip import clip_scorer, clip_scores
 from assets.download import downloaded_images, downloaded_images_shard_integrity, downloaded_images_success_rate
+from assets.evaluation import evaluation_report, evaluation_report_beats_untrained, mmfs_ablation_report
 from assets.filtering import filtered_documents, filtered_documents_pass_rate
 from assets.packing import packed_sequences, packed_sequences_max_tokens, packed_sequences_shard_integrity, tokenizer
+from assets.recaption import captioner, recaptions
 from assets.sample_world import sample_world
 from assets.sources import raw_documents, raw_documents_parse_rate
+from assets.training import checkpoint
 from orchestration.io_managers import ManifestIOManager
-from orchestration.jobs import ingest, raw_shard_sensor, refilter, sample_world_data, weekly_refilter
+from orchestration.jobs import (
+    ingest, mmfs_ablation, raw_shard_sensor, refilter, sample_world_data, sample_world_main, weekly_refilter,
+)
 from orchestration.resources import (
-    PretrainedClipScorer, PretrainedTokenizer, QualityBounds, SampleWorld, SampleWorldClipScorer, SampleWorldImages,
-    SampleWorldTokenizer, Storage, WebImages,
+    PretrainedCaptioner, PretrainedClipScorer, PretrainedTokenizer, QualityBounds, SampleWorld, SampleWorldCaptioner,
+    SampleWorldClipScorer, SampleWorldImages, SampleWorldTokenizer, Storage, WebImages,
 )
 
-DATA_ASSETS = [raw_documents, downloaded_images, clip_scorer, clip_scores, filtered_documents, tokenizer, packed_sequences]
-CHECKS = [raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
-          filtered_documents_pass_rate, packed_sequences_shard_integrity, packed_sequences_max_tokens]
+DATA_ASSETS = [raw_documents, downloaded_images, clip_scorer, clip_scores, filtered_documents, captioner, recaptions,
+               tokenizer, packed_sequences, checkpoint]
+DATA_CHECKS = [raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
+               filtered_documents_pass_rate, packed_sequences_shard_integrity, packed_sequences_max_tokens]
+# The sample world ships its own benchmarks (and its scenes for the ablation); real benchmarks come with
+# their own data, so these assets exist in the sample-world preset only.
+SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, mmfs_ablation_report]
 
 
 def sample_world_resources(data_root: str = "data") -> dict:
@@ -44,6 +54,7 @@ def sample_world_resources(data_root: str = "data") -> dict:
         "images": SampleWorldImages(world=world),
         "tokenizer_source": SampleWorldTokenizer(world=world),
         "clip_scorer_source": SampleWorldClipScorer(world=world),
+        "captioner_source": SampleWorldCaptioner(world=world),
         "bounds": QualityBounds(),
         "io_manager": ManifestIOManager(storage=storage),
     }
@@ -56,17 +67,22 @@ def real_data_resources() -> dict:
         "images": WebImages(),
         "tokenizer_source": PretrainedTokenizer(path=dg.EnvVar("WEFT_TOKENIZER_DIR")),
         "clip_scorer_source": PretrainedClipScorer(checkpoint=dg.EnvVar("WEFT_CLIP_CHECKPOINT")),
+        "captioner_source": PretrainedCaptioner(path=dg.EnvVar("WEFT_BLIP2_DIR")),
         "bounds": QualityBounds(),
         "io_manager": ManifestIOManager(storage=storage),
     }
 
 
 def build_definitions(preset: str, resources: dict) -> dg.Definitions:
-    assets = [sample_world, *DATA_ASSETS] if preset == "sample_world" else DATA_ASSETS
+    if preset == "sample_world":
+        assets, checks = [*DATA_ASSETS, *SAMPLE_WORLD_EVALUATION], [*DATA_CHECKS, evaluation_report_beats_untrained]
+        jobs = [sample_world_data, sample_world_main, mmfs_ablation, refilter, ingest]
+    else:
+        assets, checks, jobs = DATA_ASSETS, DATA_CHECKS, [refilter, ingest]
     return dg.Definitions(
         assets=assets,
-        asset_checks=CHECKS,
-        jobs=[sample_world_data, refilter, ingest],
+        asset_checks=checks,
+        jobs=jobs,
         schedules=[weekly_refilter],
         sensors=[raw_shard_sensor],
         resources=resources,

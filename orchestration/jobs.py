@@ -15,16 +15,35 @@ from orchestration.resources import Storage
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
+# Models and reports are not data: re-filtering never retrains, and the data job stops at the shards.
+MODEL_GROUPS = dg.AssetSelection.groups("training", "evaluation", "ablation")
+DATA = dg.AssetSelection.assets(raw_documents).downstream() - MODEL_GROUPS | dg.AssetSelection.groups("packing", "models")
+
 sample_world_data = dg.define_asset_job(
     "sample_world_data",
-    selection=dg.AssetSelection.assets(raw_documents).downstream() | dg.AssetSelection.groups("packing", "models"),
-    description="Every data asset from raw documents to packed WebDataset shards, over a range of raw shards.",
+    selection=DATA,
+    description=("Every data asset from raw documents to packed WebDataset shards (with the CLIP scorer, the captioner "
+                 "and the tokenizer they use), over a range of raw shards."),
+)
+
+sample_world_main = dg.define_asset_job(
+    "sample_world_main",
+    selection=DATA | dg.AssetSelection.groups("training", "evaluation"),
+    description=("The main job: the data graph, then the checkpoint trained on its shards and the evaluation report "
+                 "(trained vs untrained, with lineage), over a range of raw shards."),
+)
+
+mmfs_ablation = dg.define_asset_job(
+    "mmfs_ablation",
+    selection=dg.AssetSelection.groups("ablation"),
+    description="Paper Tab. 6(a) on the sample world: MMFS vs no MMFS vs 8x the visual tokens (slow: ~15-20 min).",
 )
 
 refilter = dg.define_asset_job(
     "refilter",
-    selection=dg.AssetSelection.assets(filtered_documents).downstream(),
-    description="Re-filter the already-downloaded images with the current thresholds and re-pack.",
+    selection=dg.AssetSelection.assets(filtered_documents).downstream() - MODEL_GROUPS,
+    description=("Re-filter the already-downloaded images with the current thresholds, recaption newly kept pairs "
+                 "(captions made by the same captioner are reused) and re-pack."),
 )
 
 ingest = dg.define_asset_job(
@@ -62,7 +81,8 @@ def weekly_refilter(context: dg.ScheduleEvaluationContext):
     missing = [k for k in keys if k not in downloaded]
     if missing:
         return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
-    return dg.RunRequest(run_config=preset_run_config(preset_name(), ("filtered_documents", "packed_sequences")),
+    ops = ("filtered_documents", "recaptions", "packed_sequences")
+    return dg.RunRequest(run_config=preset_run_config(preset_name(), ops),
                          tags=partition_range_tags(keys))
 
 

@@ -5,21 +5,27 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
 
 from orchestration.definitions import build_definitions
 from orchestration.io_managers import ManifestIOManager
 from orchestration.jobs import partition_range_tags, preset_run_config, weekly_refilter
 from orchestration.resources import (
-    QualityBounds, SampleWorld, SampleWorldClipScorer, SampleWorldImages, SampleWorldTokenizer, Storage,
+    QualityBounds, SampleWorld, SampleWorldCaptioner, SampleWorldClipScorer, SampleWorldImages, SampleWorldTokenizer,
+    Storage,
 )
 from pipelines.image_server import ImageServer
+from pipelines.loader import sequence_dataset
+from pipelines.recaption import CAPTION_FIELD, normalize_caption
+from pipelines.tokenizer import load_tokenizer
 from pipelines.shards import read_index, shard_keys, verify_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
 
-DATA_ASSETS = ["raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "tokenizer",
-               "packed_sequences"]
+DATA_ASSETS = ["raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
+               "recaptions", "tokenizer", "packed_sequences"]
+PRESET_OPS = ("downloaded_images", "filtered_documents", "recaptions", "packed_sequences")
 CHECKS = {"raw_documents_parse_rate", "downloaded_images_shard_integrity", "downloaded_images_success_rate",
           "filtered_documents_pass_rate", "packed_sequences_shard_integrity", "packed_sequences_max_tokens"}
 
@@ -35,7 +41,7 @@ class Graph:
     def run(self, job: str, run_config: dict | None = None, **kwargs) -> dg.ExecuteInProcessResult:
         """Run ``job`` over every shard, with the sample-world preset's op config unless given."""
         if run_config is None:
-            run_config = preset_run_config("sample_world", ("downloaded_images", "filtered_documents", "packed_sequences"))
+            run_config = preset_run_config("sample_world", PRESET_OPS)
         return self.defs.resolve_job_def(job).execute_in_process(
             instance=self.instance, tags=partition_range_tags(self.keys), run_config=run_config, **kwargs)
 
@@ -61,6 +67,9 @@ def graph(tmp_path_factory):
             "tokenizer_source": SampleWorldTokenizer(world=world), "bounds": QualityBounds(),
             "clip_scorer_source": SampleWorldClipScorer(world=world, steps=10, batch_size=32, training_pairs=60,
                                                         training_stories=8),
+            # a few steps on a small world: captions are wrong but real model output (not empty)
+            "captioner_source": SampleWorldCaptioner(world=world, steps=40, train_batch_size=16, training_pairs=200,
+                                                     max_new_tokens=24),
             "io_manager": ManifestIOManager(storage=storage),
         }
         g = Graph(instance, build_definitions("sample_world", resources), server, root)
@@ -82,9 +91,9 @@ def test_every_asset_materializes_and_every_check_passes(graph):
     result = graph.result
     assert result.success
     materialized = {(e.asset_key.to_user_string(), e.partition) for e in result.get_asset_materialization_events()}
-    for asset in ("raw_documents", "downloaded_images", "clip_scores", "filtered_documents"):
+    for asset in ("raw_documents", "downloaded_images", "clip_scores", "filtered_documents", "recaptions"):
         assert {(asset, k) for k in graph.keys} <= materialized
-    assert {("clip_scorer", None), ("tokenizer", None), ("packed_sequences", None)} <= materialized
+    assert {("clip_scorer", None), ("captioner", None), ("tokenizer", None), ("packed_sequences", None)} <= materialized
     evaluations = result.get_asset_check_evaluations()
     assert {e.check_name for e in evaluations} == CHECKS
     assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
@@ -109,8 +118,17 @@ def test_materializations_carry_metadata_and_data_versions(graph):
     filtered = graph.materializations("filtered_documents")[0].metadata
     assert filtered["thresholds"].value["min_similarity"] == scorer["threshold"].value  # null in the preset
     assert "similarity" in filtered["image_drops_by_rule"].value or "download" in filtered["image_drops_by_rule"].value
+    captioner = graph.materializations("captioner")[0].metadata
+    assert captioner["kind"].value == "sample_world_tiny_blip2" and captioner["training_seconds"].value > 0
+    assert captioner["final_loss"].value < captioner["initial_loss"].value
+    assert captioner["evaluated_pairs"].value > 0 and captioner["accuracy_before"].value == 0.0
+    assert "| alt-text | recaption | truth |" in captioner["examples"].value
+    recaptions = graph.materializations("recaptions")[0].metadata
+    assert recaptions["documents"].value == recaptions["captioned"].value > 0 and recaptions["reused"].value == 0
+    assert recaptions["sources"].value == ["cc12m"] and "| source text | recaption |" in recaptions["preview"].value
     packed = graph.materializations("packed_sequences")[0].metadata
     assert packed["sequences"].value >= 1 and packed["tokens"].value > 0 and ".tar" in packed["shards"].value
+    assert packed["recaptioned_shards"].value == ["cc12m/cc12m-00000.tsv"]
     for asset in DATA_ASSETS:
         tags = graph.materializations(asset)[0].tags or {}
         assert tags.get("dagster/data_version"), asset
@@ -125,6 +143,35 @@ def test_packed_shards_are_webdataset_with_an_intact_index(graph):
     assert index.meta["filter_thresholds"]["mmc4/docs_shard_0_v2.jsonl.zip"]["min_similarity"] == threshold
     keys = shard_keys(Path(manifest["urls"][0]))
     assert keys and all("." not in k for k in keys)
+
+
+def test_packed_pairs_of_recaptioned_sources_carry_their_recaption(graph):
+    manifests = graph.root / "_manifests"
+    recaptions = {k: json.loads((manifests / "recaptions" / f"{k}.json").read_text()) for k in graph.keys}
+    assert [k for k, m in recaptions.items() if m["recaptioned"]] == ["cc12m/cc12m-00000.tsv"]
+    rows = pq.read_table(recaptions["cc12m/cc12m-00000.tsv"]["path"]).to_pylist()
+    assert rows and all(r[CAPTION_FIELD].strip() for r in rows)
+    recaption = {r["doc_id"]: r[CAPTION_FIELD] for r in rows}
+    source_text = {r["doc_id"]: r["caption"] for r in rows}
+    packed = json.loads((manifests / "packed_sequences" / "manifest.json").read_text())
+    tokenizer_manifest = json.loads((manifests / "tokenizer" / "manifest.json").read_text())
+    tokenizer = load_tokenizer(tokenizer_manifest["path"], boi_token=tokenizer_manifest["source"]["boi_token"],
+                               image_token=tokenizer_manifest["source"]["image_token"])
+    texts: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    for sample in sequence_dataset(packed["urls"], image_size=(64, 64), shuffle_buffer=1):
+        ids, bounds, info = sample["input_ids"], sample["cu_seqlens"], sample["info"]
+        for i, (doc_id, kind) in enumerate(zip(info["doc_ids"], info["kinds"])):
+            segment = ids[bounds[i]: bounds[i + 1]].tolist()
+            texts[doc_id] = texts.get(doc_id, "") + " " + tokenizer.decode(segment, skip_special_tokens=True)
+            kinds[doc_id] = kind
+    cc12m_pairs = [d for d, kind in kinds.items() if kind == "pair" and d.startswith("cc12m:")]
+    laion_pairs = [d for d, kind in kinds.items() if kind == "pair" and d.startswith("laion:")]
+    assert cc12m_pairs and laion_pairs
+    for doc_id in cc12m_pairs:  # packed text is the recaption
+        assert normalize_caption(texts[doc_id]) == normalize_caption(recaption[doc_id].lower()), doc_id
+    assert any(normalize_caption(texts[d]) != normalize_caption(source_text[d].lower()) for d in cc12m_pairs)
+    assert not set(laion_pairs) & set(recaption)  # LAION keeps its own text
 
 
 def test_weekly_schedule_requests_one_refilter_run_over_every_shard(graph):
@@ -145,7 +192,9 @@ def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
     assert result.success
     assert graph.server.request_count == requests_before  # no HTTP: the downloads were re-used
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"filtered_documents", "packed_sequences"}
+    assert materialized == {"filtered_documents", "recaptions", "packed_sequences"}
+    recaptioned = graph.materializations("recaptions")[0].metadata  # the kept pairs are a subset: none captioned again
+    assert recaptioned["captioned"].value == 0 and recaptioned["reused"].value == recaptioned["documents"].value
     thresholds = [m.metadata["min_similarity"].value for m in graph.materializations("filtered_documents")]
     assert stricter in thresholds and before in thresholds
     packed = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
@@ -161,7 +210,8 @@ def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2 + 100])
     requests_before = graph.server.request_count
-    selection = [dg.AssetKey(a) for a in ("downloaded_images", "clip_scores", "filtered_documents", "packed_sequences")]
+    selection = [dg.AssetKey(a) for a in ("downloaded_images", "clip_scores", "filtered_documents", "recaptions",
+                                          "packed_sequences")]
     result = graph.run("sample_world_data", asset_selection=selection, raise_on_error=False)
     assert not result.success
     integrity = [e for e in result.get_asset_check_evaluations()
@@ -169,5 +219,5 @@ def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):
     assert len(integrity) == 1 and not integrity[0].passed
     assert "unreadable" in integrity[0].metadata["problems"].value or "samples" in integrity[0].metadata["problems"].value
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"downloaded_images"}  # clip scores, filtering and packing were blocked
+    assert materialized == {"downloaded_images"}  # clip scores, filtering, recaptioning and packing were blocked
     assert graph.server.request_count == requests_before

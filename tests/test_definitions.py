@@ -30,23 +30,34 @@ def test_definitions_load():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
-                    "filtered_documents", "tokenizer", "packed_sequences"}
+                    "filtered_documents", "captioner", "recaptions", "tokenizer", "packed_sequences", "checkpoint",
+                    "evaluation_report", "mmfs_ablation_report"}
     assert {c.name for c in graph.asset_check_keys} >= {"downloaded_images_shard_integrity",
-                                                        "packed_sequences_shard_integrity"}
-    for name in ("sample_world_data", "refilter", "ingest"):
-        assert defs.resolve_job_def(name) is not None
-    refilter = {k.to_user_string() for k in defs.resolve_job_def("refilter").asset_layer.executable_asset_keys}
-    assert refilter == {"filtered_documents", "packed_sequences"}
+                                                        "packed_sequences_shard_integrity",
+                                                        "evaluation_report_beats_untrained"}
+
+    def job_assets(name: str) -> set[str]:
+        return {k.to_user_string() for k in defs.resolve_job_def(name).asset_layer.executable_asset_keys}
+
+    data = {"raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
+            "recaptions", "tokenizer", "packed_sequences"}
+    assert job_assets("sample_world_data") == data
+    assert job_assets("sample_world_main") == data | {"checkpoint", "evaluation_report"}
+    assert job_assets("mmfs_ablation") == {"mmfs_ablation_report"}
+    assert job_assets("ingest") == {"raw_documents", "downloaded_images"}
+    assert job_assets("refilter") == {"filtered_documents", "recaptions", "packed_sequences"}
 
 
 def test_real_data_preset_loads_with_its_environment(tmp_path):
     env = {**os.environ, "WEFT_PRESET": "real_data", "WEFT_DATA_ROOT": str(tmp_path), "WEFT_RAW_DIR": str(tmp_path),
-           "WEFT_TOKENIZER_DIR": str(tmp_path), "WEFT_CLIP_CHECKPOINT": str(tmp_path / "clip.pt")}
+           "WEFT_TOKENIZER_DIR": str(tmp_path), "WEFT_CLIP_CHECKPOINT": str(tmp_path / "clip.pt"),
+           "WEFT_BLIP2_DIR": str(tmp_path / "blip2")}
     code = ("import dagster as dg; from orchestration.definitions import defs; dg.Definitions.validate_loadable(defs);"
             "print(sorted(k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout
-    assert "sample_world" not in out and "packed_sequences" in out
+    assert "sample_world" not in out and "evaluation_report" not in out
+    assert "packed_sequences" in out and "recaptions" in out and "checkpoint" in out
     env["WEFT_PRESET"] = "nonsense"
     failed = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert failed.returncode != 0 and "WEFT_PRESET must be" in failed.stderr
@@ -54,9 +65,13 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
 
 @pytest.mark.parametrize("preset", ["sample_world", "real_data"])
 def test_run_config_presets_validate_against_the_jobs(preset):
-    config = preset_run_config(preset, ("downloaded_images", "filtered_documents", "packed_sequences"))
-    assert set(config["ops"]) == {"downloaded_images", "filtered_documents", "packed_sequences"}
-    job = defs.resolve_job_def("sample_world_data")
+    ops = ("downloaded_images", "filtered_documents", "recaptions", "packed_sequences", "checkpoint")
+    if preset == "sample_world":
+        ops += ("evaluation_report",)
+    config = preset_run_config(preset, ops)
+    assert set(config["ops"]) == set(ops)
+    assert config["ops"]["packed_sequences"]["config"]["pair_caption"] == "blip2"
+    job = defs.resolve_job_def("sample_world_main")
     assert job.run_config_schema.config_type is not None
     from dagster._config import process_config
 

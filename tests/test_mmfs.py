@@ -1,6 +1,5 @@
 """MMFS: init, the sink, visibility masking, relative positions, and the op backends agree."""
 
-import pytest
 import torch
 
 from model.config import MMFSConfig

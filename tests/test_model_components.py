@@ -68,3 +68,20 @@ def test_decoder_loss_and_sampling(config):
     assert decoder.condition.queries.grad.abs().sum() > 0 and decoder.unet.conv_in.weight.grad.abs().sum() > 0
     images = decoder.sample(condition.detach(), context_for(2, 1), guidance_scale=2.0, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+def test_fit_vae_learns_to_reconstruct_and_scales_latents_to_unit_variance(config):
+    from diffusers import AutoencoderKL
+
+    from model.image_decoder import fit_vae
+    from model.tiny import square_image
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(config.decoder.vae_config).requires_grad_(False)
+    images = torch.stack([square_image(c, 32, offset=o) for c in ("red", "green", "blue", "yellow") for o in (0, 4)])
+    losses = fit_vae(vae, images, steps=40, batch_size=8, lr=2e-3)
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+    with torch.no_grad():
+        latents = vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    assert latents.std().item() == pytest.approx(1.0, rel=1e-3)

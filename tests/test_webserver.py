@@ -97,14 +97,17 @@ def test_webserver_serves_the_asset_graph_checks_schedule_and_sensor(webserver):
     (repo,) = nodes
     assets = {"/".join(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
     assert set(assets) == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
-                           "filtered_documents", "tokenizer", "packed_sequences"}
+                           "filtered_documents", "captioner", "recaptions", "tokenizer", "packed_sequences",
+                           "checkpoint", "evaluation_report", "mmfs_ablation_report"}
     assert assets["downloaded_images"]["isPartitioned"] and not assets["packed_sequences"]["isPartitioned"]
+    assert assets["recaptions"]["isPartitioned"] and not assets["captioner"]["isPartitioned"]
     checks = {c["name"]: c["blocking"] for a in assets.values() for c in a["assetChecksOrError"]["checks"]}
     assert checks == {
         "raw_documents_parse_rate": False, "downloaded_images_shard_integrity": True,
         "downloaded_images_success_rate": False, "filtered_documents_pass_rate": False,
         "packed_sequences_shard_integrity": True, "packed_sequences_max_tokens": False,
+        "evaluation_report_beats_untrained": False,
     }
-    assert {"sample_world_data", "refilter", "ingest"} <= {j["name"] for j in repo["jobs"]}
+    assert {"sample_world_main", "sample_world_data", "mmfs_ablation", "refilter", "ingest"} <= {j["name"] for j in repo["jobs"]}
     assert repo["schedules"] == [{"name": "weekly_refilter", "cronSchedule": "0 3 * * 1"}]
     assert repo["sensors"] == [{"name": "raw_shard_sensor"}]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -139,6 +140,10 @@ def ground_truth_records(world: SampleWorld, base_url: str) -> list[dict]:
     return records
 
 
+WORLD_CONFIG_FILE = "world.json"
+"""Beside the eval splits: the ``WorldConfig`` that wrote them."""
+
+
 def write_metadata(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, mmc4_zipped: bool = True,
                    docs_per_shard: int = 16, rows_per_shard: int = 100) -> dict[str, list[Path]]:
     """Write all three source formats, the ground truth and the eval splits under ``out_dir``."""
@@ -159,4 +164,6 @@ def write_metadata(world: SampleWorld, out_dir: str | os.PathLike, base_url: str
         path = out / "eval" / f"{name}.jsonl"
         _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
         written["eval"].append(path)
+    # The eval prompts hold the world's images, regenerated from this config by whoever evaluates.
+    _atomic_write_bytes(out / "eval" / WORLD_CONFIG_FILE, json.dumps(dataclasses.asdict(world.config), indent=1).encode())
     return written

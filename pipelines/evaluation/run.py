@@ -1,0 +1,218 @@
+"""Evaluate a checkpoint on the sample world's benchmarks: the entry point of ``weft eval`` and the report asset.
+
+:func:`evaluate_checkpoint` loads a saved model (a run folder, a ``step-*`` checkpoint or its
+``model/`` folder), runs the tasks of :mod:`pipelines.evaluation.sample_world_tasks` through
+``MMInterleaved.generate`` and adds, for the text-to-image outputs, the CLIP score of the generated
+images against their prompts (:mod:`pipelines.evaluation.clip_similarity`) and, only when local
+Inception-v3 weights are given, their FID against the prompts' ground-truth renderings.
+
+The prompts' images (captioning, VQA, story context) are the world's own: the world is generated
+again from the config the sample world was written with (the ``sample_world`` manifest's ``config``)
+and checked against the eval files, so nothing is read from a global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipelines.clip_score import ClipScorer
+from pipelines.evaluation.clip_similarity import ClipScoreResult, clip_score
+from pipelines.evaluation.fid import FIDResult, InceptionFeatures, fid
+from pipelines.evaluation.sample_world_tasks import BOI, TASKS, Generation, TaskResult, evaluate_task, read_split
+from pipelines.sample_world import Scene, WorldConfig, generate_world, render
+from pipelines.sample_world.formats import WORLD_CONFIG_FILE
+
+DEFAULT_INFERENCE_STEPS = 10
+"""DDIM steps per generated image: few, so that a CPU evaluates every task in about a minute."""
+DEFAULT_GUIDANCE_SCALE = 7.5
+"""Classifier-free guidance scale (``MMInterleaved.generate``'s default)."""
+IMAGE_TASKS = ("captioning", "vqa", "story_continuation")
+"""Tasks whose prompts hold the world's images (text-to-image and seg-to-image prompts are drawn from scenes)."""
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of one checkpoint: per task, plus CLIP score and FID of the text-to-image outputs."""
+
+    checkpoint: str
+    """The ``model/`` folder that was evaluated."""
+    step: int | None
+    """Training step of the checkpoint (``None`` for a model saved outside a training run)."""
+    tasks: list[TaskResult]
+    clip: ClipScoreResult | None = None
+    fid: FIDResult | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """``{task: {metric: value}}``, with ``clip`` and ``fid`` as extra rows when computed."""
+        out = {t.task: dict(t.metrics) for t in self.tasks}
+        if self.clip is not None:
+            out["clip_score"] = {"clip_score": self.clip.clip_score}
+        if self.fid is not None:
+            out["fid"] = {self.fid.features: self.fid.value}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: scores, counts and examples' texts (images are replaced by ``"<image>"``)."""
+        def element(e: Any) -> Any:
+            return "<image>" if isinstance(e, Image.Image) else e
+
+        tasks = [{"task": t.task, "metrics": t.metrics, "count": t.count,
+                  "examples": [{"prompt": [element(e) for e in ex["prompt"]], "text": ex["text"],
+                                "images": len(ex["images"])} for ex in t.examples]} for t in self.tasks]
+        return {"checkpoint": self.checkpoint, "step": self.step, "tasks": tasks,
+                "clip": None if self.clip is None else self.clip.to_dict(),
+                "fid": None if self.fid is None else {**dataclasses.asdict(self.fid), "label": self.fid.label},
+                "settings": self.settings, "seconds": self.seconds}
+
+
+def resolve_model_dir(checkpoint: str | Path) -> Path:
+    """The ``model/`` folder of a run folder (latest checkpoint), a ``step-*`` folder, or that folder itself."""
+    from model.checkpoint import model_dir
+
+    return model_dir(checkpoint)
+
+
+def checkpoint_step(model_dir: Path) -> int | None:
+    """The step in the ``trainer_state.json`` beside a checkpoint's ``model/`` folder."""
+    from model.checkpoint import TRAINER_STATE
+
+    state = model_dir.parent / TRAINER_STATE
+    return json.loads(state.read_text())["step"] if state.is_file() else None
+
+
+def written_world_config(eval_dir: str | Path) -> dict[str, Any] | None:
+    """The ``WorldConfig`` fields the sample world wrote beside its eval splits, or ``None`` if it wrote none."""
+    path = Path(eval_dir) / WORLD_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def world_image_loader(world: WorldConfig | Mapping[str, Any], eval_dir: str | Path) -> Callable[[str], Image.Image]:
+    """``image_id -> RGB image`` of the sample world generated from ``world`` (a ``WorldConfig`` or
+    the ``sample_world`` manifest's ``config``), after checking that it wrote the files in ``eval_dir``."""
+    if not isinstance(world, WorldConfig):
+        names = {f.name for f in dataclasses.fields(WorldConfig)}
+        world = WorldConfig(**{k: v for k, v in world.items() if k in names})
+    generated = generate_world(world)
+    written = read_split(eval_dir, "captioning")
+    expected = [{"image_id": r["image_id"], "references": r["references"]} for r in generated.eval_splits["captioning"]]
+    if [{"image_id": r["image_id"], "references": r["references"]} for r in written] != expected:
+        raise ValueError(f"{eval_dir}/captioning.jsonl was not written by the sample world of {world}; "
+                         "pass the config of the world that wrote it (the sample_world manifest's config)")
+    cache: dict[str, Image.Image] = {}
+
+    def image_for(image_id: str) -> Image.Image:
+        if image_id not in cache:
+            cache[image_id] = Image.open(io.BytesIO(generated.image_bytes(image_id))).convert("RGB")
+        return cache[image_id]
+
+    return image_for
+
+
+class _Recorder:
+    """Wraps ``generate``: counts calls on a progress bar and keeps each output's first image and prompt text."""
+
+    def __init__(self, generate: Callable[..., Generation], bar: tqdm) -> None:
+        self.generate, self.bar = generate, bar
+        self.texts: list[str] = []
+        self.images: list[Image.Image | None] = []
+
+    def __call__(self, prompt: list, **kwargs: Any) -> Generation:
+        output = self.generate(prompt, **kwargs)
+        last = prompt[-1] if isinstance(prompt[-1], str) else ""
+        self.texts.append(last.removesuffix(BOI).strip())
+        self.images.append(output.images[0] if output.images else None)
+        self.bar.update(1)
+        return output
+
+
+def _no_image(image_id: str) -> Image.Image:
+    raise ValueError(f"task needs the world's image {image_id!r}: pass world= (the sample_world manifest's config)")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    eval_dir: str | Path,
+    *,
+    tasks: Sequence[str] = TASKS,
+    limit: int | None = None,
+    image_size: int = 64,
+    num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    max_new_tokens: int = 24,
+    world: WorldConfig | Mapping[str, Any] | None = None,
+    clip_scorer: ClipScorer | None = None,
+    inception_weights: str | Path | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> EvaluationResult:
+    """Run ``tasks`` (first ``limit`` records each) on a checkpoint and score them.
+
+    Args:
+        checkpoint: a run folder (its latest checkpoint), a ``step-*`` folder or a ``model/`` folder.
+        eval_dir: the sample world's ``eval/`` folder (``<task>.jsonl``).
+        image_size: pixels at which generated images are parsed back into scenes.
+        world: config of the world that wrote ``eval_dir``; needed by captioning, VQA and story continuation
+            (default: the ``world.json`` the sample world wrote beside its splits).
+        clip_scorer: scores text-to-image outputs against their prompts (``None``: no CLIP score).
+        inception_weights: local torchvision Inception-v3 state dict; FID is computed only with it.
+        seed: seeds the diffusion sampling of every task (text is decoded greedily).
+    """
+    from model.mm_interleaved import MMInterleaved
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; expected some of {TASKS}")
+    world = world if world is not None else written_world_config(eval_dir)
+    if world is None and set(tasks) & set(IMAGE_TASKS):
+        raise ValueError(f"tasks {sorted(set(tasks) & set(IMAGE_TASKS))} need the world's images: pass world= "
+                         "(the sample_world manifest's config)")
+    start = time.perf_counter()
+    model_dir = resolve_model_dir(checkpoint)
+    model = MMInterleaved.from_pretrained(model_dir, map_location=device).eval()
+    image_for = world_image_loader(world, eval_dir) if world is not None else _no_image
+    settings = {"tasks": list(tasks), "limit": limit, "image_size": image_size, "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale, "max_new_tokens": max_new_tokens, "seed": seed, "device": device}
+    results, t2i = [], None
+    for task in tasks:
+        total = len(read_split(eval_dir, task, limit))
+        with tqdm(total=total, desc=f"eval {task}", unit="prompt", disable=not progress) as bar:
+            recorder = _Recorder(model.generate, bar)
+            generator = torch.Generator(device=device).manual_seed(seed)
+            results.append(evaluate_task(task, recorder, eval_dir, image_for, limit=limit, image_size=image_size,
+                                         max_new_tokens=max_new_tokens, num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale, generator=generator))
+        if task == "text_to_image":
+            t2i = recorder
+    clip_result = fid_result = None
+    if t2i is not None and (clip_scorer is not None or inception_weights is not None):
+        references = [render(Scene.from_dict(r["scene"]), image_size) for r in read_split(eval_dir, "text_to_image", limit)]
+        blank = Image.new("RGB", (image_size, image_size), "white")  # no image generated: scored as a blank one
+        generated = [image if image is not None else blank for image in t2i.images]
+        if clip_scorer is not None:
+            clip_result = clip_score(clip_scorer, generated, t2i.texts, references)
+        if inception_weights is not None:
+            fid_result = fid(_tensors(references), _tensors(generated), InceptionFeatures(inception_weights, device))
+    return EvaluationResult(str(model_dir), checkpoint_step(model_dir), results, clip_result, fid_result, settings,
+                            time.perf_counter() - start)
+
+
+def _tensors(images: Sequence[Image.Image]) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1], resized to the first image's size."""
+    size = images[0].size
+    return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB").resize(size), dtype=np.float32) / 255).permute(2, 0, 1)
+                        for i in images])

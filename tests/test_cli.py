@@ -1,0 +1,89 @@
+"""The ``weft`` console script: train from shards, then generate from the checkpoint it saved."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny model trained for two steps by ``weft train`` on packed sample-world shards."""
+    from pipelines.packing import PackingConfig, pack_documents
+    from pipelines.sample_world.world import WorldConfig, generate_world
+    from pipelines.shards import write_shards
+    from pipelines.tokenizer import train_tokenizer, world_texts
+    from pipelines.world_data import world_documents, world_images
+
+    out = tmp_path_factory.mktemp("cli")
+    world = generate_world(WorldConfig(seed=3, n_pairs=24, n_stories=4))
+    tokenizer = train_tokenizer(world_texts(world), out / "tokenizer")
+    packing = PackingConfig(max_length=96, num_image_tokens=8, seed=0)
+    sequences = pack_documents(world_documents(world), tokenizer, packing, images=world_images(world))
+    write_shards((s.to_sample(f"seq{i:06d}") for i, s in enumerate(sequences)), out / "shards", maxcount=8)
+    config = {"run_dir": str(out / "run"), "shards": str(out / "shards"), "tokenizer": str(out / "tokenizer"),
+              "max_steps": 50, "warmup_steps": 1, "zero_stage": 0, "progress": False, "shuffle_buffer": 4}
+    (out / "train.json").write_text(json.dumps(config))
+    # --set overrides the file (JSON values): two steps, not fifty
+    assert main(["train", "--config", str(out / "train.json"), "--set", "max_steps=2", "--set", "checkpoint_every=2"]) == 0
+    assert (out / "run" / "checkpoints" / "step-00000002" / "model" / "config.json").is_file()
+    return out / "run"
+
+
+def test_generate_writes_text_and_images_in_order(run_dir, tmp_path):
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    out = tmp_path / "gen"
+    # the console script itself, as a user runs it (a run folder resolves to its latest checkpoint)
+    command = [str(Path(sys.executable).parent / "weft"), "generate", "--checkpoint", str(run_dir),
+               "--image", str(tmp_path / "red.png"), "--prompt", "a red square. next, <BoI>",
+               "--max-new-tokens", "4", "--steps", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "generation.json").read_text())
+    assert [e["type"] for e in result["prompt"]] == ["image", "text"]
+    images = [e for e in result["generated"] if e["type"] == "image"]
+    assert result["generated"][0]["type"] == "image" and len(images) == 1  # the prompt's <BoI> forces an image first
+    assert Image.open(out / images[0]["path"]).size == (32, 32)  # the tiny preset's image size
+    assert "![image-00.png](image-00.png)" in (out / "generation.md").read_text()
+    assert not list(tmp_path.glob(".gen.tmp-*"))
+    # an existing output is not clobbered without --overwrite
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(command[1:])
+
+
+def test_eval_reads_the_world_beside_its_splits_and_writes_a_report(run_dir, tmp_path):
+    from pipelines.sample_world.formats import write_metadata
+    from pipelines.sample_world.world import WorldConfig, generate_world
+
+    write_metadata(generate_world(WorldConfig(seed=3, n_pairs=24, n_stories=4)), tmp_path / "raw", "http://127.0.0.1:1")
+    out = tmp_path / "report"
+    assert main(["eval", "--checkpoint", str(run_dir), "--eval-dir", str(tmp_path / "raw" / "eval"), "--out", str(out),
+                 "--tasks", "captioning", "vqa", "--limit", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "step 2" in json.dumps(results)
+    assert "captioning" in (out / "report.md").read_text()
+
+
+def test_cli_errors_name_the_bad_input(run_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"run_dir": "x",\n "shards": }')
+    with pytest.raises(SystemExit, match=r"bad.json:2: not JSON"):
+        main(["train", "--config", str(bad)])
+    bad.write_text(json.dumps({"run_dir": "x", "shards": "y", "learning_rate": 1}))
+    with pytest.raises(SystemExit, match=r"unknown TrainConfig keys \['learning_rate'\]"):
+        main(["train", "--config", str(bad)])
+    (tmp_path / "notimage.png").write_text("hello")
+    with pytest.raises(SystemExit, match="notimage.png: cannot read it as an image"):
+        main(["generate", "--checkpoint", str(run_dir), "--image", str(tmp_path / "notimage.png"), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")])
+    args = build_parser().parse_args(["generate", "--checkpoint", "c", "--prompt", "a", "--image", "b.png",
+                                      "--prompt", "c", "--out", "o"])
+    assert args.elements == [("text", "a"), ("image", "b.png"), ("text", "c")]

@@ -1,0 +1,136 @@
+"""evaluate_checkpoint on a tiny model, the CLIP score of generated images, and the written report."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model.config import MMInterleavedConfig
+from model.mm_interleaved import MMInterleaved
+from pipelines.clip_score import ClipScorer, tiny_clip_config
+from pipelines.evaluation.clip_similarity import clip_score
+from pipelines.evaluation.report import git_commit, inline_images, write_report
+from pipelines.evaluation.run import evaluate_checkpoint, world_image_loader, written_world_config
+from pipelines.evaluation.sample_world_tasks import TASKS
+from pipelines.sample_world import WorldConfig, generate_world, render, write_metadata
+from pipelines.sample_world.formats import WORLD_CONFIG_FILE
+from pipelines.tokenizer import train_tokenizer, world_texts
+
+WORLD = WorldConfig(seed=3, n_pairs=4, n_stories=2, n_eval=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A written world and an untrained tiny model saved as a ``model/`` folder."""
+    root = tmp_path_factory.mktemp("evaluation")
+    world = generate_world(WORLD)
+    write_metadata(world, root / "raw", "http://127.0.0.1:1")
+    torch.manual_seed(0)
+    model = MMInterleaved.from_config(MMInterleavedConfig.tiny(), train_tokenizer(world_texts(world)))
+    model.save_pretrained(root / "model")
+    scorer = ClipScorer.from_config(tiny_clip_config(image_size=32, context_length=16))
+    return root, scorer
+
+
+@pytest.fixture(scope="module")
+def result(setup):
+    root, scorer = setup
+    return evaluate_checkpoint(root / "model", root / "raw" / "eval", limit=1, num_inference_steps=2, max_new_tokens=4,
+                               world=WORLD, clip_scorer=scorer, progress=False)
+
+
+def test_every_task_is_scored_with_a_labelled_clip_score(result):
+    assert [t.task for t in result.tasks] == list(TASKS)
+    assert all(t.count == 1 and t.examples for t in result.tasks)
+    assert result.step is None  # a model folder outside a training run
+    assert result.clip is not None and result.clip.count == 1 and result.clip.scorer == "sample_world_tiny_clip"
+    assert 0.0 <= result.clip.clip_score <= 100.0 and result.clip.reference_clip_score is not None
+    assert result.fid is None  # no Inception weights given
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["tasks"][0]["examples"][0]["prompt"] == ["<image>"]
+    assert set(result.metrics()) == {*TASKS, "clip_score"}
+
+
+def test_sampling_is_seeded(setup, result):
+    root, _ = setup
+    again = evaluate_checkpoint(root / "model", root / "raw" / "eval", tasks=["text_to_image"], limit=1,
+                                num_inference_steps=2, max_new_tokens=4, progress=False)
+    first = next(t for t in result.tasks if t.task == "text_to_image").examples[0]["images"][0]
+    assert again.tasks[0].examples[0]["images"][0].tobytes() == first.tobytes()
+
+
+def test_image_tasks_need_the_world_that_wrote_the_eval_files(setup, tmp_path):
+    root, _ = setup
+    assert WorldConfig(**written_world_config(root / "raw" / "eval")) == WORLD  # written beside the splits
+    bare = shutil.copytree(root / "raw" / "eval", tmp_path / "eval")
+    (bare / WORLD_CONFIG_FILE).unlink()
+    with pytest.raises(ValueError, match="need the world's images"):
+        evaluate_checkpoint(root / "model", bare, tasks=["captioning"], limit=1, progress=False)
+    with pytest.raises(ValueError, match="was not written by the sample world"):
+        world_image_loader(WorldConfig(seed=4, n_pairs=4, n_stories=2, n_eval=2), root / "raw" / "eval")
+    image = world_image_loader(WORLD, root / "raw" / "eval")("e00000")
+    assert image.size == (WORLD.image_size, WORLD.image_size)
+
+
+def test_clip_score_scores_references_alike_and_checks_lengths():
+    """Images scored as generated and as references give the same number; mismatched lengths are refused."""
+    torch.manual_seed(0)
+    scorer = ClipScorer.from_config(tiny_clip_config(image_size=32, context_length=16))
+    scene = generate_world(WORLD).pairs[0]
+    image = render(scene.scene, 64)
+    result = clip_score(scorer, [image, image], [scene.caption, scene.caption], references=[image, image])
+    assert result.clip_score == pytest.approx(result.reference_clip_score)
+    with pytest.raises(ValueError, match="as many images as texts"):
+        clip_score(scorer, [image], [])
+
+
+def test_report_compares_results_and_is_replaced_atomically(result, tmp_path):
+    training = {"trained": [{"step": s, "loss": 3.0 / s, "text_loss": 2.0 / s, "image_loss": 0.1 / s, "seconds": 1.0}
+                            for s in range(1, 5)]}
+    lineage = {"checkpoint": "run/checkpoints/step-00000004", "filter thresholds": {"min_similarity": 0.24},
+               "git commit": git_commit()}
+    out = write_report(tmp_path / "report", {"trained": result, "untrained (step 0)": result}, training=training,
+                       lineage=lineage, examples_of=["trained"])
+    text = (out / "report.md").read_text()
+    assert "| captioning | cider |" in text and "trained − untrained (step 0)" in text and "+0.000" in text
+    assert "min_similarity" in text and "sample_world_tiny_clip" in text and "FID: not computed" in text
+    for name in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert Image.open(out / name).size[0] > 50
+    assert {"tasks.png", "loss.png", "examples_trained_text_to_image.png"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "results.json").read_text())["results"]["trained"]["tasks"][0]["task"] == "captioning"
+    assert "data:image/png;base64," in inline_images(out, names=["tasks.png"])
+
+    write_report(tmp_path / "report", {"only": result})
+    assert "only" in (out / "report.md").read_text() and not (out / "loss.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left
+
+
+def test_git_commit_tolerates_a_folder_outside_git(tmp_path):
+    assert git_commit(tmp_path) == "not a git repo"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|not a git repo", git_commit(Path(__file__).parent))
+
+
+@pytest.mark.slow
+def test_ablation_trains_and_evaluates_every_variant_into_one_report(setup, tmp_path):
+    from pipelines.evaluation.ablation import PAPER_VARIANTS, AblationTraining, run_ablation
+    from pipelines.tokenizer import save_tokenizer
+    from pipelines.world_data import world_documents, world_images
+
+    root, scorer = setup
+    world = generate_world(WORLD)
+    save_tokenizer(train_tokenizer(world_texts(world)), tmp_path / "tokenizer")
+    manifest = {"path": str(tmp_path / "tokenizer"), "source": {"boi_token": "<BoI>", "image_token": "<image>"}}
+    result = run_ablation(world_documents(world), world_images(world), manifest, root / "raw" / "eval", tmp_path / "ablation",
+                          world=WORLD, training=AblationTraining(max_steps=2, warmup_steps=0, max_length=320, vae_steps=2),
+                          evaluation={"tasks": ["captioning", "text_to_image"], "limit": 1, "num_inference_steps": 2,
+                                      "max_new_tokens": 4, "progress": False}, clip_scorer=scorer, log=lambda _: None)
+    assert list(result.results) == [v.name for v in PAPER_VARIANTS]
+    assert all(r.step == 2 for r in result.results.values())
+    text = (result.report / "report.md").read_text()
+    assert all(v.name in text for v in PAPER_VARIANTS) and (result.report / "loss.png").is_file()
+    assert json.loads((result.report / "results.json").read_text())["lineage"]["variants"]["256 tokens, no MMFS"] == {
+        "num_visual_tokens": 256, "mmfs": False}
