@@ -32,8 +32,9 @@ class EvaluationSettings(dg.Config):
     inception_weights: str = ""
     """Local torchvision Inception-v3 state dict; FID is computed only when set."""
     device: str = "cpu"
-    torch_threads: int = 1
-    """CPU threads while generating (1 avoids oversubscribing a small shared CPU; 0 keeps torch's setting)."""
+    torch_threads: int = 0
+    """CPU threads while generating; 0 keeps torch's setting (all cores), 1 avoids oversubscribing a CPU shared
+    with other steps."""
 
     def evaluate(self, model_dir: str, eval_dir: str, world: dict, scorer) -> EvaluationResult:
         with cpu_threads(self.torch_threads):
@@ -130,7 +131,7 @@ class AblationSettings(dg.Config):
     max_length: int = 640
     """Tokens per packed sequence, the same for every variant (256 visual tokens need room for 2 images)."""
     vae_steps: int = 150
-    torch_threads: int = 1
+    torch_threads: int = 0
     seed: int = 0
     evaluation: EvaluationSettings = EvaluationSettings()
 

@@ -25,8 +25,9 @@ class TrainingSettings(dg.Config):
     vae_steps: int = 150
     """Models without a pretrained VAE (``tiny``): fit the random VAE to the training images for this many
     steps before training (0: keep it random, and every generated image is noise)."""
-    torch_threads: int = 1
-    """CPU threads while training (1 avoids oversubscribing a small shared CPU; 0 keeps torch's setting)."""
+    torch_threads: int = 0
+    """CPU threads while training; 0 keeps torch's setting (all cores), 1 avoids oversubscribing a CPU shared
+    with other steps."""
     max_steps: int = 500
     batch_size: int = 1
     grad_accum_steps: int = 1

@@ -54,7 +54,7 @@ class AblationTraining:
     enough that the decoder's MMFS over every image of a sequence stays cheap for 32-token variants."""
     vae_steps: int = 150
     """Steps fitting the tiny preset's random VAE to the training images before training (``fit_vae``)."""
-    torch_threads: int = 1
+    torch_threads: int = 0
     seed: int = 0
 
 
