@@ -30,7 +30,7 @@ class EvaluationSettings(dg.Config):
     max_new_tokens: int = 24
     seed: int = 0
     inception_weights: str = ""
-    """Local torchvision Inception-v3 state dict; FID is computed only when set."""
+    """Local torchvision Inception-v3 state dict for FID proper; empty: FID on CLIP features, labelled so."""
     device: str = "cpu"
     torch_threads: int = 0
     """CPU threads while generating; 0 keeps torch's setting (all cores), 1 avoids oversubscribing a CPU shared

@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from pipelines.evaluation.fid import InceptionFeatures, fid, frechet_distance
+from pipelines.clip_score import ClipScorer, tiny_clip_config
+from pipelines.evaluation.fid import ClipFeatures, InceptionFeatures, fid, frechet_distance
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -51,3 +52,16 @@ def test_inception_features_load_from_a_local_file(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="bad.pt"):
         InceptionFeatures(bad)
+
+
+def test_clip_feature_fid_is_labelled_and_sees_the_shift():
+    torch.manual_seed(0)
+    scorer = ClipScorer.from_config(tiny_clip_config(image_size=32, context_length=16))
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(6, 3, 32, 32, generator=g)
+    dark = torch.rand(6, 3, 32, 32, generator=g) * 0.2
+    features = ClipFeatures(scorer)
+    assert features(real[:2]).shape == (2, scorer.model.text_projection.shape[1])
+    same, shifted = fid(real, real, features), fid(real, dark, features)
+    assert same.value == pytest.approx(0.0, abs=1e-6) and shifted.value > 1e-3
+    assert shifted.label == "FID (clip features, not comparable to FID)"

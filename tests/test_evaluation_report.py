@@ -49,7 +49,7 @@ def test_every_task_is_scored_with_a_labelled_clip_score(result):
     assert result.step is None  # a model folder outside a training run
     assert result.clip is not None and result.clip.count == 1 and result.clip.scorer == "sample_world_tiny_clip"
     assert 0.0 <= result.clip.clip_score <= 100.0 and result.clip.reference_clip_score is not None
-    assert result.fid is None  # no Inception weights given
+    assert result.fid is None  # one image per task: no covariance to compare
     data = json.loads(json.dumps(result.to_dict()))
     assert data["tasks"][0]["examples"][0]["prompt"] == ["<image>"]
     assert set(result.metrics()) == {*TASKS, "clip_score"}

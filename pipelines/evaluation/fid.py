@@ -3,18 +3,23 @@
 FID proper needs the Inception-v3 weights of the original TensorFlow release (``pt_inception``
 in pytorch-fid); weft never downloads them, so :class:`InceptionFeatures` loads a torchvision
 ``inception_v3`` state dict from a local path. Without one, :class:`ClipFeatures` embeds images
-with an open_clip model, and the result is labelled ``clip`` so it is never confused with FID.
+with the CLIP scorer's open_clip model, and the result is labelled ``clip`` so it is never confused
+with FID.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+if TYPE_CHECKING:
+    from pipelines.clip_score import ClipScorer
 
 
 class FeatureExtractor(Protocol):
@@ -48,6 +53,19 @@ class InceptionFeatures:
         mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225], device=self.device).view(1, 3, 1, 1)
         return self.model((x - mean) / std).float()
+
+
+class ClipFeatures:
+    """L2-normalised image embeddings of a :class:`~pipelines.clip_score.ClipScorer` (its own preprocessing)."""
+
+    name = "clip"
+
+    def __init__(self, scorer: "ClipScorer"):
+        self.scorer = scorer
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return self.scorer.encode_images([Image.fromarray(p) for p in pixels])
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def _notes(results: Mapping[str, EvaluationResult]) -> list[str]:
             lines.append(f"- **{label}**: CLIP score {clip.clip_score:.2f} of {clip.count} text-to-image outputs, "
                          f"scorer `{clip.scorer}`{reference}.")
         lines.append(f"  FID: {result.fid.label} = {result.fid.value:.2f}" if result.fid is not None
-                     else "  FID: not computed (no Inception-v3 weights given).")
+                     else "  FID: not computed (no Inception-v3 weights or CLIP scorer given, or fewer than 2 images).")
         lines.append(f"  Checkpoint `{result.checkpoint}` (step {result.step}), evaluated in {result.seconds:.1f} s "
                      f"with {json.dumps(result.settings)}.")
     return lines

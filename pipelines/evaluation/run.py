@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipelines.clip_score import ClipScorer
 from pipelines.evaluation.clip_similarity import ClipScoreResult, clip_score
-from pipelines.evaluation.fid import FIDResult, InceptionFeatures, fid
+from pipelines.evaluation.fid import ClipFeatures, FIDResult, InceptionFeatures, fid
 from pipelines.evaluation.sample_world_tasks import BOI, TASKS, Generation, TaskResult, evaluate_task, read_split
 from pipelines.sample_world import Scene, WorldConfig, generate_world, render
 from pipelines.sample_world.formats import WORLD_CONFIG_FILE
@@ -169,7 +169,8 @@ def evaluate_checkpoint(
         world: config of the world that wrote ``eval_dir``; needed by captioning, VQA and story continuation
             (default: the ``world.json`` the sample world wrote beside its splits).
         clip_scorer: scores text-to-image outputs against their prompts (``None``: no CLIP score).
-        inception_weights: local torchvision Inception-v3 state dict; FID is computed only with it.
+        inception_weights: local torchvision Inception-v3 state dict for FID proper; without it, FID on the CLIP
+            scorer's image features (labelled as such) when a scorer is given. Both need >= 2 text-to-image outputs.
         seed: seeds the diffusion sampling of every task (text is decoded greedily).
     """
     from model.mm_interleaved import MMInterleaved
@@ -205,8 +206,10 @@ def evaluate_checkpoint(
         generated = [image if image is not None else blank for image in t2i.images]
         if clip_scorer is not None:
             clip_result = clip_score(clip_scorer, generated, t2i.texts, references)
-        if inception_weights is not None:
-            fid_result = fid(_tensors(references), _tensors(generated), InceptionFeatures(inception_weights, device))
+        extractor = (InceptionFeatures(inception_weights, device) if inception_weights is not None
+                     else ClipFeatures(clip_scorer))
+        if len(generated) >= 2:  # a covariance needs two images
+            fid_result = fid(_tensors(references), _tensors(generated), extractor)
     return EvaluationResult(str(model_dir), checkpoint_step(model_dir), results, clip_result, fid_result, settings,
                             time.perf_counter() - start)
 
