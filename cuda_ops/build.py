@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -52,9 +53,12 @@ def cache_dir() -> Path:
 
 
 def build_dir(kind: str) -> Path:
-    """Build folder of one extension, keyed by torch and CUDA versions so upgrades never mix."""
+    """Build folder of one extension, keyed by torch and CUDA versions so upgrades never mix, and by the
+    checkout its sources live in: ninja rebuilds when source paths change, so two checkouts sharing one
+    folder would recompile each other's build on every alternation (~1-2 min each)."""
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda or 'none'}".replace("+", "_")
-    return cache_dir() / "torch_extensions" / tag / kind
+    checkout = hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:10]
+    return cache_dir() / "torch_extensions" / tag / f"{kind}-{checkout}"
 
 
 @functools.cache
