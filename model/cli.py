@@ -50,16 +50,11 @@ def _parse_override(text: str) -> tuple[str, Any]:
 def _train(args: argparse.Namespace) -> int:
     from model.train import TrainConfig, train
 
-    path = Path(args.config)
     try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
-    fields.update(dict(args.set or []))
-    unknown = sorted(set(fields) - set(TrainConfig.__dataclass_fields__))
-    if unknown:
-        raise SystemExit(f"{path}: unknown TrainConfig keys {unknown}")
-    result = train(TrainConfig(**fields))
+        config = TrainConfig.from_json(args.config, dict(args.set or []))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    result = train(config)
     print(f"step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
@@ -166,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="JSON file with the fields of model.train.TrainConfig")
     train.add_argument("--set", action="append", type=_parse_override, metavar="KEY=VALUE",
                        help="override one config field (value parsed as JSON when possible); repeatable")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher's
     train.set_defaults(run=_train)
 
     generate = commands.add_parser("generate", help="continue an interleaved prompt with text and images")

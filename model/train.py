@@ -15,7 +15,6 @@ checkpoint: weights, optimizer, step (the schedule is a function of it), each ra
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -24,6 +23,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -159,8 +159,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
-        return cls(**json.loads(Path(path).read_text()))
+    def from_json(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """The fields in JSON file ``path``, then ``overrides``; a bad file or an unknown key is named."""
+        try:
+            fields = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
+        fields.update(overrides or {})
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown TrainConfig keys {unknown}")
+        return cls(**fields)
 
     def model_config(self) -> MMInterleavedConfig:
         if self.model == "tiny":
@@ -609,15 +618,12 @@ def _save(engine, model, config: TrainConfig, step: int, world_size: int, data, 
     return save_checkpoint(engine, model, config.run_dir, step, trainer_state, data_state, config.keep_checkpoints)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train MM-Interleaved (run it with torchrun or deepspeed for several ranks).")
-    parser.add_argument("--config", required=True, help="JSON file with the fields of TrainConfig")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's flag
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(TrainConfig.from_json(args.config))
-    logger.info("finished at step %d; checkpoint %s", result.step, result.checkpoint)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m model.train --config cfg.json``: ``weft train`` under the name launchers expect."""
+    from model.cli import main as weft
+
+    return weft(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
