@@ -139,8 +139,13 @@ def _eval(args: argparse.Namespace) -> int:
     from pipelines.evaluation.report import git_commit, write_report
     from pipelines.evaluation.run import evaluate_checkpoint
 
-    given = {"tasks": args.tasks, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+    given = {"tasks": args.tasks, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+             "inception_weights": args.inception_weights}
     options = {k: v for k, v in given.items() if v is not None}  # the rest: evaluate_checkpoint's defaults
+    if args.clip_scorer:
+        from pipelines.clip_score import ClipScorer
+
+        options["clip_scorer"] = ClipScorer.load(args.clip_scorer, device=args.device)
     result = evaluate_checkpoint(args.checkpoint, args.eval_dir, limit=args.limit, seed=args.seed, device=args.device,
                                  **options)
     lineage = {"checkpoint": result.checkpoint, "step": result.step, "eval split": args.eval_dir,
@@ -186,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="items per task")
     evaluate.add_argument("--steps", type=int, default=None, help="diffusion inference steps per image (default 10)")
     evaluate.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default 7.5)")
+    evaluate.add_argument("--clip-scorer", default=None,
+                          help="a saved CLIP scorer folder (e.g. data/clip_scorer): CLIP score and CLIP-feature FID")
+    evaluate.add_argument("--inception-weights", default=None, help="torchvision Inception-v3 state dict: FID proper")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=_eval)

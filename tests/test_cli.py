@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from model.cli import build_parser, main
+from pipelines.clip_score import ClipScorer, tiny_clip_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,11 +65,15 @@ def test_eval_reads_the_world_beside_its_splits_and_writes_a_report(run_dir, tmp
     from pipelines.sample_world.world import WorldConfig, generate_world
 
     write_metadata(generate_world(WorldConfig(seed=3, n_pairs=24, n_stories=4)), tmp_path / "raw", "http://127.0.0.1:1")
+    torch.manual_seed(0)
+    ClipScorer.from_config(tiny_clip_config(image_size=32, context_length=16)).save(tmp_path / "clip")
     out = tmp_path / "report"
     assert main(["eval", "--checkpoint", str(run_dir), "--eval-dir", str(tmp_path / "raw" / "eval"), "--out", str(out),
-                 "--tasks", "captioning", "vqa", "--limit", "2"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert "step 2" in json.dumps(results)
+                 "--tasks", "captioning", "text_to_image", "--limit", "2", "--steps", "2",
+                 "--clip-scorer", str(tmp_path / "clip")]) == 0
+    (result,) = json.loads((out / "results.json").read_text())["results"].values()
+    assert result["step"] == 2 and [t["task"] for t in result["tasks"]] == ["captioning", "text_to_image"]
+    assert result["clip"]["count"] == 2 and result["fid"]["label"] == "FID (clip features, not comparable to FID)"
     assert "captioning" in (out / "report.md").read_text()
 
 
