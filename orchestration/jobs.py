@@ -36,7 +36,7 @@ sample_world_main = dg.define_asset_job(
 mmfs_ablation = dg.define_asset_job(
     "mmfs_ablation",
     selection=dg.AssetSelection.groups("ablation"),
-    description="Paper Tab. 6(a) on the sample world: MMFS vs no MMFS vs 8x the visual tokens (slow: ~15-20 min).",
+    description="Paper Tab. 6(a) on the sample world: MMFS vs no MMFS vs 8x the visual tokens (slow: 35-60 min on 2 CPU cores).",
 )
 
 refilter = dg.define_asset_job(
