@@ -11,6 +11,8 @@ from PIL import Image
 
 from model.cli import build_parser, main
 from pipelines.clip_score import ClipScorer, tiny_clip_config
+from pipelines.sample_world.world import WorldConfig, generate_world
+from world_shards import write_world_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,18 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny model trained for two steps by ``weft train`` on packed sample-world shards."""
-    from pipelines.packing import PackingConfig, pack_documents
-    from pipelines.sample_world.world import WorldConfig, generate_world
-    from pipelines.shards import write_shards
-    from pipelines.tokenizer import train_tokenizer, world_texts
-    from pipelines.world_data import world_documents, world_images
-
     out = tmp_path_factory.mktemp("cli")
-    world = generate_world(WorldConfig(seed=3, n_pairs=24, n_stories=4))
-    tokenizer = train_tokenizer(world_texts(world), out / "tokenizer")
-    packing = PackingConfig(max_length=96, num_image_tokens=8, seed=0)
-    sequences = pack_documents(world_documents(world), tokenizer, packing, images=world_images(world))
-    write_shards((s.to_sample(f"seq{i:06d}") for i, s in enumerate(sequences)), out / "shards", maxcount=8)
+    write_world_shards(out, WorldConfig(seed=3, n_pairs=24, n_stories=4), maxcount=8)
     config = {"run_dir": str(out / "run"), "shards": str(out / "shards"), "tokenizer": str(out / "tokenizer"),
               "max_steps": 50, "warmup_steps": 1, "zero_stage": 0, "progress": False, "shuffle_buffer": 4}
     (out / "train.json").write_text(json.dumps(config))
@@ -62,7 +54,6 @@ def test_generate_writes_text_and_images_in_order(run_dir, tmp_path):
 
 def test_eval_reads_the_world_beside_its_splits_and_writes_a_report(run_dir, tmp_path):
     from pipelines.sample_world.formats import write_metadata
-    from pipelines.sample_world.world import WorldConfig, generate_world
 
     write_metadata(generate_world(WorldConfig(seed=3, n_pairs=24, n_stories=4)), tmp_path / "raw", "http://127.0.0.1:1")
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from model.checkpoint import latest_checkpoint
 from model.schedule import lr_factor
 from model.train import TrainConfig, build_model, train
+from pipelines.sample_world.world import WorldConfig
+from world_shards import write_world_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = Path(sys.executable)
@@ -22,19 +24,8 @@ PYTHON = Path(sys.executable)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small packed shard set of the sample world (8 image tokens, the tiny preset) and its tokenizer."""
-    from pipelines.packing import PackingConfig, pack_documents
-    from pipelines.sample_world.world import WorldConfig, generate_world
-    from pipelines.shards import write_shards
-    from pipelines.tokenizer import train_tokenizer, world_texts
-    from pipelines.world_data import world_documents, world_images
-
     out = tmp_path_factory.mktemp("train_data")
-    world = generate_world(WorldConfig(seed=2, n_pairs=40, n_stories=10))
-    tokenizer = train_tokenizer(world_texts(world), out / "tokenizer")
-    packing = PackingConfig(max_length=96, num_image_tokens=8, seed=0)
-    sequences = pack_documents(world_documents(world), tokenizer, packing, images=world_images(world))
-    index = write_shards((s.to_sample(f"seq{i:06d}") for i, s in enumerate(sequences)), out / "shards", maxcount=4,
-                         meta={"packing": packing.to_dict()})
+    index = write_world_shards(out, WorldConfig(seed=2, n_pairs=40, n_stories=10), maxcount=4)
     assert len(index.shards) >= 4
     return out
 
