@@ -16,6 +16,7 @@ from pipelines.recaption import (
     train_world_captioner,
 )
 from pipelines.sample_world import WorldConfig, caption, generate_world
+from pipelines.sample_world.scenes import COLOURS
 from pipelines.tokenizer import train_tokenizer, world_texts
 from pipelines.torch_threads import cpu_threads
 from pipelines.world_data import world_documents, world_images
@@ -89,6 +90,60 @@ def test_tiny_captioner_starts_with_distinct_queries_that_see_the_image(world):
     assert (queries[:, 0] - queries[:, 1]).abs().max() > 1e-3  # queries are not copies of each other
 
 
+def _per_cell_colour_accuracy(captioner: Captioner, world, steps: int = 300) -> float:
+    """Train the captioner's ViT + Q-Former (with a linear head on the query outputs) to name every grid cell's
+    colour (or empty); held-out per-cell accuracy. Only what the Q-Former passes on can be read."""
+    model = captioner.model
+    images = world_images(world)
+    keys = [p.image_id for p in world.pairs]
+    pixels = captioner.pixel_values([Image.open(io.BytesIO(images[k])).convert("RGB") for k in keys])
+    labels = torch.zeros(len(keys), 9, dtype=torch.long)
+    for i, pair in enumerate(world.pairs):
+        for o in pair.scene.objects:
+            labels[i, o.row * 3 + o.col] = 1 + list(COLOURS).index(o.colour)
+    queries, width = model.config.num_query_tokens, model.config.qformer_config.hidden_size
+    head = torch.nn.Linear(queries * width, 9 * (1 + len(COLOURS)))
+
+    def logits(index):
+        patches = model.vision_model(pixel_values=pixels[index]).last_hidden_state
+        out = model.qformer(query_embeds=model.query_tokens.expand(len(index), -1, -1),
+                            encoder_hidden_states=patches).last_hidden_state
+        return head(out.flatten(1)).view(len(index), 9, -1)
+
+    train, held_out = torch.arange(len(keys) - 500), torch.arange(len(keys) - 500, len(keys))
+    parameters = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens, *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = train[torch.randint(len(train), (32,), generator=generator)]
+        loss = torch.nn.functional.cross_entropy(logits(batch).flatten(0, 1), labels[batch].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return (logits(held_out).argmax(-1) == labels[held_out]).float().mean().item()
+
+
+def test_tiny_captioners_q_former_learns_where_things_are():
+    """The Q-Former must pass on *where* each colour is, not just which colours an image holds. With the ViT's
+    position embeddings at transformers' initializer_range (0.02) it does not within 300 steps (the captioner
+    then never learns positions); at the captioner's unit scale it does."""
+    world = captioner_training_world(WorldConfig(seed=5), 2500)
+    tokenizer = train_tokenizer(world_texts(world))
+    empty = 1 - sum(len(p.scene.objects) for p in world.pairs) / (9 * len(world.pairs))  # "every cell empty" scores this
+    with cpu_threads(2):
+        fixed = _per_cell_colour_accuracy(tiny_captioner(tokenizer), world)
+        shrunk = tiny_captioner(tokenizer)
+        with torch.no_grad():
+            shrunk.model.vision_model.embeddings.position_embedding.normal_(0.0, 0.02)
+        stalled = _per_cell_colour_accuracy(shrunk, world)
+    print(f"per-cell colour accuracy: unit-scale positions {fixed:.3f}, 0.02 positions {stalled:.3f}, all-empty {empty:.3f}")
+    assert fixed >= 0.95, (fixed, empty)
+    assert stalled < empty + 0.05, (stalled, empty)
+
+
 def test_world_captioner_loss_falls_and_reloads(world, tmp_path):
     with cpu_threads(1):
         captioner, report = train_world_captioner(world, tmp_path / "captioner",
@@ -107,8 +162,9 @@ def test_world_captioner_loss_falls_and_reloads(world, tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recaptioning_fixes_noisy_alt_texts(tmp_path, seed):
     """The demo's captioner (default training, ~80 s on one core) trained on one world's clean pairs,
-    recaptioning a different world's alt-text pairs. Thresholds from seeds 0-2 (see the issue note):
-    exact matches stay at 0 at this budget; fact F1 rises from 0 to ~0.02-0.03."""
+    recaptioning a different world's alt-text pairs. Seeds 0-2 (one thread, 2026-11-29): exact match 0 ->
+    0.015 / 0.008 / 0.008, fact F1 0 -> 0.107 / 0.043 / 0.022 (before the position-embedding fix in
+    tiny_captioner: 0.024 / 0.021 / 0.032). The spread between seeds is the captioner's, not the test's."""
     start = time.perf_counter()
     train = captioner_training_world(WorldConfig(seed=1000 + seed), 12_000)  # never the evaluation world's seed
     with cpu_threads(1):
