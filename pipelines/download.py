@@ -32,7 +32,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import tarfile
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -156,11 +159,31 @@ def run_img2dataset(url_list: Path, output_folder: Path, config: DownloadConfig,
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
 
-    download(
-        url_list=str(url_list), output_folder=str(output_folder), output_format="webdataset",
-        input_format="parquet", url_col="url", save_additional_columns=["url_id"], compute_hash="sha256",
-        enable_wandb=False, incremental_mode=incremental_mode, **config.img2dataset_kwargs(),
-    )
+    with _terminable_workers():
+        download(
+            url_list=str(url_list), output_folder=str(output_folder), output_format="webdataset",
+            input_format="parquet", url_col="url", save_additional_columns=["url_id"], compute_hash="sha256",
+            enable_wandb=False, incremental_mode=incremental_mode, **config.img2dataset_kwargs(),
+        )
+
+
+@contextmanager
+def _terminable_workers() -> Iterator[None]:
+    """Start img2dataset's pool workers with SIGTERM at its default action.
+
+    img2dataset ends its pool with ``Pool.terminate`` (SIGTERM to every worker). A process that ignores
+    SIGTERM (inherited from whatever launched it: nohup, some CI runners and job shells) passes the ignore on to
+    its workers; a worker then left blocked on the pool's queue lock survives the terminate and the join waits
+    forever (seen in ``test_download`` on 2026-11-29). Signal dispositions can only change on the main thread."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:

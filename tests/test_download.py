@@ -2,6 +2,8 @@
 
 import io
 import json
+import multiprocessing
+import signal
 import tarfile
 
 import pyarrow.parquet as pq
@@ -11,6 +13,7 @@ from PIL import Image
 from pipelines.documents import make_pair, read_documents
 from pipelines.download import (
     DedupIndex, DownloadConfig, dedup_documents, download_documents, download_urls, is_retryable,
+    _terminable_workers,
 )
 from pipelines.errors import reraise
 from pipelines.hosts import HostPolicy
@@ -198,3 +201,16 @@ def test_host_policy_allows_public_and_explicit_hosts():
     assert explicit.allows("http://127.0.0.1:8123/a.jpg")
     assert not explicit.allows("http://127.0.0.1:8124/a.jpg")
     assert HostPolicy(allow_private=True).allows("http://10.0.0.1/a.jpg")
+
+
+def test_img2dataset_workers_start_terminable_when_sigterm_is_ignored():
+    """img2dataset stops its pool with SIGTERM; workers that inherit an ignored SIGTERM outlive it and can hang
+    the join forever. Inside ``_terminable_workers`` new processes get the default action; outside, it is as before."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with _terminable_workers():
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
