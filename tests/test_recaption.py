@@ -138,7 +138,7 @@ def test_tiny_captioners_q_former_learns_where_things_are():
         fixed = _per_cell_colour_accuracy(tiny_captioner(tokenizer), world)
         shrunk = tiny_captioner(tokenizer)
         with torch.no_grad():
-            shrunk.model.vision_model.embeddings.position_embedding.normal_(0.0, 0.02)
+            shrunk.model.vision_model.embeddings.position_embedding.normal_(0.0, shrunk.model.config.initializer_range)
         stalled = _per_cell_colour_accuracy(shrunk, world)
     print(f"per-cell colour accuracy: unit-scale positions {fixed:.3f}, 0.02 positions {stalled:.3f}, all-empty {empty:.3f}")
     assert fixed >= 0.95, (fixed, empty)
