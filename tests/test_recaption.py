@@ -130,7 +130,9 @@ def _per_cell_colour_accuracy(captioner: Captioner, world, steps: int = 300) -> 
 def test_tiny_captioners_q_former_learns_where_things_are():
     """The Q-Former must pass on *where* each colour is, not just which colours an image holds. With the ViT's
     position embeddings at transformers' initializer_range (0.02) it does not within 300 steps (the captioner
-    then never learns positions); at the captioner's unit scale it does."""
+    then never learns positions); at the captioner's unit scale it does. Measured (2026-11-29): 0.935 held-out
+    per-cell accuracy vs 0.773 at 0.02 and 0.780 for "all empty" (0.969 before the patch embedding was drawn at
+    fan-in scale, which slows this probe a little and speeds the captioner up a lot)."""
     world = captioner_training_world(WorldConfig(seed=5), 2500)
     tokenizer = train_tokenizer(world_texts(world))
     empty = 1 - sum(len(p.scene.objects) for p in world.pairs) / (9 * len(world.pairs))  # "every cell empty" scores this
@@ -141,7 +143,7 @@ def test_tiny_captioners_q_former_learns_where_things_are():
             shrunk.model.vision_model.embeddings.position_embedding.normal_(0.0, shrunk.model.config.initializer_range)
         stalled = _per_cell_colour_accuracy(shrunk, world)
     print(f"per-cell colour accuracy: unit-scale positions {fixed:.3f}, 0.02 positions {stalled:.3f}, all-empty {empty:.3f}")
-    assert fixed >= 0.95, (fixed, empty)
+    assert fixed >= 0.90, (fixed, empty)
     assert stalled < empty + 0.05, (stalled, empty)
 
 
@@ -162,10 +164,11 @@ def test_world_captioner_loss_falls_and_reloads(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recaptioning_fixes_noisy_alt_texts(tmp_path, seed):
-    """The demo's captioner (default training, ~80 s on one core) trained on one world's clean pairs,
-    recaptioning a different world's alt-text pairs. Seeds 0-2 (one thread, 2026-11-29): exact match 0 ->
-    0.015 / 0.008 / 0.008, fact F1 0 -> 0.107 / 0.043 / 0.022 (before the position-embedding fix in
-    tiny_captioner: 0.024 / 0.021 / 0.032). The spread between seeds is the captioner's, not the test's."""
+    """The demo's captioner (default training, ~3 min on one core) trained on one world's clean pairs,
+    recaptioning a different world's alt-text pairs. Seeds 0-2 (one thread, 2026-11-29, 1200 steps at lr 1.5e-3
+    with the patch embedding at fan-in scale): exact match 0 -> 0.129 / 0.121 / 0.061, fact F1 0 -> 0.463 /
+    0.311 / 0.235 (600 steps at lr 3e-3 with transformers' patch init: 0.107 / 0.043 / 0.022). The spread between
+    seeds is the captioner's, not the test's."""
     start = time.perf_counter()
     train = captioner_training_world(WorldConfig(seed=1000 + seed), 12_000)  # never the evaluation world's seed
     with cpu_threads(1):
@@ -176,4 +179,4 @@ def test_recaptioning_fixes_noisy_alt_texts(tmp_path, seed):
           f"{report['final_loss']:.2f}; alt-text pairs: {result['pairs']}, before {result['before']}, "
           f"after {result['after']}, {time.perf_counter() - start:.0f} s")
     assert result["before"] == {"accuracy": 0.0, "fact_f1": 0.0, "n": result["pairs"]}  # alt-texts state no facts
-    assert result["after"]["fact_f1"] >= 0.01
+    assert result["after"]["fact_f1"] >= 0.15
