@@ -126,7 +126,6 @@ def _per_cell_colour_accuracy(captioner: Captioner, world, steps: int = 300) -> 
         return (logits(held_out).argmax(-1) == labels[held_out]).float().mean().item()
 
 
-@pytest.mark.slow  # 50-60 s alone, but 198 s inside the full suite on 2 cores (not yet explained)
 def test_tiny_captioners_q_former_learns_where_things_are():
     """The Q-Former must pass on *where* each colour is, not just which colours an image holds. With the ViT's
     position embeddings at transformers' initializer_range (0.02) it does not within 300 steps (the captioner
