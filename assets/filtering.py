@@ -5,6 +5,7 @@ from typing import Optional
 
 import dagster as dg
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from assets.metadata import data_version, table
 from assets.partitions import single_run, source_shards
@@ -12,6 +13,7 @@ from orchestration.resources import QualityBounds, Storage
 from pipelines.clip_score import scores_mapping
 from pipelines.documents import read_documents, write_documents
 from pipelines.filtering import FilterConfig, FilterReport, filter_documents
+from pipelines.packing import PAIR_CAPTIONS
 
 
 class FilterSettings(dg.Config):
@@ -24,6 +26,14 @@ class FilterSettings(dg.Config):
     max_images_per_document: int = 6
     one_image_drop_fraction: float = 0.5
     pair_min_similarity: Optional[float] = 0.28
+    pair_caption: str = Field(default="blip2", description=(
+        "original | blip2: judge a recaptioned pair by its BLIP-2 recaption or by its source text; "
+        "must match packed_sequences' pair_caption, the text the pair is trained on."))
+
+    def judged_by_recaption(self) -> bool:
+        if self.pair_caption not in PAIR_CAPTIONS:
+            raise ValueError(f"filtered_documents.pair_caption must be one of {PAIR_CAPTIONS}, got {self.pair_caption!r}")
+        return self.pair_caption == "blip2"
 
     def to_config(self, scorer_threshold: Optional[float]) -> FilterConfig:
         return FilterConfig(min_similarity=self._resolve("min_similarity", scorer_threshold),
@@ -45,25 +55,28 @@ def filtered_documents(
     context: dg.AssetExecutionContext, config: FilterSettings, storage: Storage, downloaded_images: dict,
     clip_scores: dict,
 ) -> dg.Output[dict]:
-    """Keep images similar enough (CLIP score) to their sentence, at most N per document, drop imageless
-    documents and half of the one-image ones. Every drop is written with its rule and reason."""
+    """Keep images similar enough (CLIP score) to their sentence (a recaptioned pair's: to its recaption, with
+    ``pair_caption: blip2``), at most N per document, drop imageless documents and half of the one-image ones.
+    Every drop is written with its rule and reason."""
     thresholds = {m["threshold"] for m in clip_scores.values()}
     if len(thresholds) > 1:
         raise ValueError(f"clip scores of these shards come from different scorers (thresholds {thresholds}); re-score them")
     settings = config.to_config(thresholds.pop() if thresholds else None)
-    version = data_version(settings.to_dict())
+    by_recaption = config.judged_by_recaption()
+    recorded = {**settings.to_dict(), "pair_caption": config.pair_caption}
+    version = data_version(recorded)
     manifests = {}
     start = time.perf_counter()
     totals = FilterReport(settings)
     for key, download in downloaded_images.items():
         report = FilterReport(settings)
         out = storage.partition_path("filtered_documents", key, f".{version.value}.parquet")
-        scores = scores_mapping(pq.read_table(clip_scores[key]["path"]).to_pylist())
+        scores = scores_mapping(pq.read_table(clip_scores[key]["path"]).to_pylist(), prefer_recaption=by_recaption)
         documents = filter_documents(read_documents(download["documents"]), settings, scores=scores, report=report)
         kept = write_documents(documents, out)
         drops = out.with_name(out.name.replace(".parquet", ".drops.parquet"))
         pq.write_table(report.drops_table(), drops)
-        manifests[key] = {"path": str(out), "drops": str(drops), "documents": kept, "thresholds": settings.to_dict(),
+        manifests[key] = {"path": str(out), "drops": str(drops), "documents": kept, "thresholds": recorded,
                           "report": report.metadata()}
         totals.documents_in += report.documents_in
         totals.documents_kept += report.documents_kept
@@ -84,12 +97,12 @@ def filtered_documents(
         "document_drops_by_rule": table(summary["document_drops_by_rule"], ("rule", "documents")),
         "drop_reasons": dg.MetadataValue.md(
             "\n".join(f"- `{d.doc_id}` {d.rule}: {d.reason}" for d in totals.drops[:15]) or "_none_"),
-        "thresholds": settings.to_dict(),
+        "thresholds": recorded,
         "min_similarity": settings.min_similarity,
         "documents_per_second": summary["documents_in"] / max(seconds, 1e-9),
     }
     upstream = {k: (m["documents"], clip_scores[k]["path"]) for k, m in downloaded_images.items()}
-    return dg.Output(manifests, metadata=metadata, data_version=data_version(settings.to_dict(), upstream))
+    return dg.Output(manifests, metadata=metadata, data_version=data_version(recorded, upstream))
 
 
 @dg.asset_check(asset=filtered_documents, description="Document pass rate of the filter is within the configured bounds.")

@@ -76,6 +76,12 @@ def packed_sequences(
     image_token_names = {k: tokenizer["source"][k] for k in ("boi_token", "image_token")}
     text_tokenizer = load_tokenizer(tokenizer["path"], **image_token_names)
     thresholds = {k: m["thresholds"] for k, m in filtered_documents.items()}
+    judged = sorted(k for k, t in thresholds.items() if recaptions[k]["recaptioned"]
+                    and t.get("pair_caption", "original") != settings.pair_caption)
+    if judged:
+        raise ValueError(f"packed_sequences.pair_caption is {settings.pair_caption!r} but filtered_documents judged the "
+                         f"recaptioned pairs of {judged} by pair_caption {thresholds[judged[0]].get('pair_caption')!r}: "
+                         "set both to the same value (the filter must judge the text the pair is trained on)")
     recaptioned = {k: m for k, m in recaptions.items() if settings.pair_caption == "blip2" and m["recaptioned"]}
     meta = {"packing": settings.to_dict(), "tokenizer": tokenizer["source"], "filter_thresholds": thresholds,
             "documents": {k: m["path"] for k, m in filtered_documents.items()},

@@ -1,10 +1,12 @@
-"""The captioner (BLIP-2) and the recaptions of the kept pair images, per raw shard.
+"""The captioner (BLIP-2) and the recaptions of the downloaded pair images, per raw shard.
 
-``recaptions`` reads ``filtered_documents``: only pairs that survive filtering reach packing, and
-captioning is the expensive step (BLIP-2 OPT-2.7B per image), so captioning every downloaded pair
-would pay for the ones filtering drops. Re-filtering then re-runs this asset, but its output file is
-named by the captioner's version and the download it reads, and holds every caption made so far:
-a re-run captions only kept pairs it has not seen, and a new captioner starts a new file.
+``recaptions`` captions every downloaded pair of a recaptioned source (CC-12M in the paper, which
+recaptioned all of it) *before* filtering: the recaption replaces the pair's alt-text, so the CLIP filter
+must judge the pair by the recaption (``clip_scores`` scores both, ``filtered_documents`` picks). Filtering
+on the alt-text would drop exactly the good images with bad text that recaptioning is there to rescue.
+The output file is named by the captioner's version and the download it reads and holds every caption
+made so far: a re-run captions only pairs it has not seen, and a new captioner starts a new file.
+Re-filtering does not touch it.
 """
 
 import time
@@ -31,8 +33,8 @@ RECAPTIONS_SCHEMA = pa.schema([
 class RecaptionSettings(dg.Config):
     """Which sources' pairs get BLIP-2 captions (the paper recaptions CC-12M; LAION keeps its text)."""
 
-    sources: list[str] = Field(default_factory=lambda: ["cc12m"],
-                               description="Sources whose kept pairs are recaptioned; packing uses their recaptions.")
+    sources: list[str] = Field(default_factory=lambda: ["cc12m"], description=(
+        "Sources whose downloaded pairs are recaptioned; filtering and packing use their recaptions."))
 
 
 @dg.asset(group_name="models", kinds={"pytorch", "safetensors"})
@@ -68,10 +70,9 @@ def recaptions(
     storage: Storage,
     captioner_source: dg.ResourceParam[SampleWorldCaptioner | PretrainedCaptioner],
     captioner: dict,
-    filtered_documents: dict,
     downloaded_images: dict,
 ) -> dg.Output[dict]:
-    """BLIP-2 captions of the kept pair images of each shard of a recaptioned source (parquet: doc_id,
+    """BLIP-2 captions of the downloaded pair images of each shard of a recaptioned source (parquet: doc_id,
     element_index, key, caption = source text, caption_blip2). Resumable: captions already made by the
     same captioner for the same download are kept, only new pairs are captioned."""
     model = None
@@ -79,17 +80,16 @@ def recaptions(
     captioned, seconds = 0, 0.0
     skipped = BadRecordLog(keep=20)
     preview: list[tuple[str, str, str]] = []
-    for key, filtered in filtered_documents.items():
+    for key, download in downloaded_images.items():
         source = key.partition("/")[0]
         if source not in config.sources:
             manifests[key] = {"source": source, "recaptioned": False, "path": None, "documents": 0}
             continue
-        download = downloaded_images[key]
         version = data_version(captioner["version"], download["output_dir"]).value
         out = storage.partition_path("recaptions", key, f".{version}.parquet")
         done = pq.read_table(out).to_pylist() if out.exists() else []
         seen = {r["doc_id"] for r in done}
-        pairs = [d for d in read_documents(filtered["path"]) if d["kind"] == "pair"]
+        pairs = [d for d in read_documents(download["documents"]) if d["kind"] == "pair"]
         todo = [d for d in pairs if d["doc_id"] not in seen]
         new: list[dict] = []
         if todo:
@@ -101,13 +101,12 @@ def recaptions(
             pq.write_table(pa.Table.from_pylist(done + new, schema=RECAPTIONS_SCHEMA), tmp)
             tmp.replace(out)
         captioned += len(new)
-        kept = {d["doc_id"] for d in pairs}
-        rows = [r for r in done + new if r["doc_id"] in kept]
+        rows = done + new
         preview += [(r["caption"], r[CAPTION_FIELD], r["doc_id"]) for r in rows[: 5 - len(preview)]]
         manifests[key] = {"source": source, "recaptioned": True, "path": str(out),
                           "captioner_version": captioner["version"], "documents": len(rows), "captioned": len(new),
                           "reused": len(rows) - len(new)}
-        context.log.info(f"{key}: {len(rows)} kept pairs recaptioned ({len(new)} new, {len(rows) - len(new)} reused)")
+        context.log.info(f"{key}: {len(rows)} pairs recaptioned ({len(new)} new, {len(rows) - len(new)} reused)")
     documents = sum(m["documents"] for m in manifests.values())
     metadata = {
         "documents": documents,

@@ -42,8 +42,8 @@ mmfs_ablation = dg.define_asset_job(
 refilter = dg.define_asset_job(
     "refilter",
     selection=dg.AssetSelection.assets(filtered_documents).downstream() - MODEL_GROUPS,
-    description=("Re-filter the already-downloaded images with the current thresholds, recaption newly kept pairs "
-                 "(captions made by the same captioner are reused) and re-pack."),
+    description=("Re-filter the already-downloaded images with the current thresholds (on the scores already made; "
+                 "recaptioned pairs are judged by their recaption) and re-pack."),
 )
 
 ingest = dg.define_asset_job(
@@ -81,7 +81,7 @@ def weekly_refilter(context: dg.ScheduleEvaluationContext):
     missing = [k for k in keys if k not in downloaded]
     if missing:
         return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
-    ops = ("filtered_documents", "recaptions", "packed_sequences")
+    ops = ("filtered_documents", "packed_sequences")
     return dg.RunRequest(run_config=preset_run_config(preset_name(), ops),
                          tags=partition_range_tags(keys))
 

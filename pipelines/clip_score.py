@@ -5,9 +5,10 @@ GPU). It is built from a model name + local checkpoint (ViT-L/14 in the paper; n
 or loaded from a directory written by :meth:`ClipScorer.save` (the tiny scorer).
 
 :func:`score_documents` gives, per downloaded image element, the similarity to its matched
-sentence (MMC4) or caption (pairs) and, for interleaved documents, the full image × sentence row;
-:func:`scores_mapping` turns those rows into the ``scores`` that :func:`pipelines.filtering.filter_documents`
-takes.
+sentence (MMC4) or caption (pairs), for interleaved documents the full image × sentence row, and for
+recaptioned pairs the similarity to the recaption too; :func:`scores_mapping` turns those rows into
+the ``scores`` that :func:`pipelines.filtering.filter_documents` takes (a recaptioned pair judged by its
+recaption, the text it will be trained on, if asked).
 
 :func:`train_world_scorer` trains a tiny open_clip model contrastively on the sample world's clean
 pairs (true captions of pair images, story frames with their sentences and full captions), with
@@ -156,30 +157,38 @@ def score_documents(
     scorer: ClipScorer,
     images: Mapping[str, bytes],
     *,
+    recaptions: Mapping[str, str] | None = None,
     chunk_documents: int = 64,
     progress: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """One row per downloaded image element: ``doc_id``, ``element_index``, ``key``,
-    ``matched_text_index``, ``similarity`` (to the matched sentence / the caption) and
-    ``similarities`` (to every sentence of the document, in sentence order)."""
+    ``matched_text_index``, ``similarity`` (to the matched sentence / the caption),
+    ``similarities`` (to every sentence of the document, in sentence order) and
+    ``similarity_recaption``: for a pair whose ``doc_id`` is in ``recaptions`` (``doc_id -> caption``,
+    :func:`pipelines.recaption.recaptions_mapping`) the similarity to that caption, else None."""
     chunk: list[dict[str, Any]] = []
     for document in tqdm(documents, desc="clip scores", unit="doc", disable=not progress):
         chunk.append(document)
         if len(chunk) >= chunk_documents:
-            yield from _score_chunk(chunk, scorer, images)
+            yield from _score_chunk(chunk, scorer, images, recaptions or {})
             chunk = []
     if chunk:
-        yield from _score_chunk(chunk, scorer, images)
+        yield from _score_chunk(chunk, scorer, images, recaptions or {})
 
 
-def _score_chunk(documents: list[dict[str, Any]], scorer: ClipScorer, images: Mapping[str, bytes]) -> Iterator[dict[str, Any]]:
+def _score_chunk(documents: list[dict[str, Any]], scorer: ClipScorer, images: Mapping[str, bytes],
+                 recaptions: Mapping[str, str]) -> Iterator[dict[str, Any]]:
     wanted: list[tuple[dict, int, dict]] = []
     texts: list[str] = []
     sentence_rows: dict[str, tuple[int, list[int]]] = {}
+    recaption_rows: dict[str, int] = {}
     for document in documents:
         sentences = [e for e in document["elements"] if e["type"] == "text"]
         sentence_rows[document["doc_id"]] = (len(texts), [e.get("sentence_index") or 0 for e in sentences])
         texts.extend(e["text"] or "" for e in sentences)
+        if document["kind"] == "pair" and document["doc_id"] in recaptions:
+            recaption_rows[document["doc_id"]] = len(texts)
+            texts.append(recaptions[document["doc_id"]])
         for index, element in enumerate(document["elements"]):
             if element["type"] == "image" and element.get("status") == IMAGE_STATUS_OK and element.get("key") in images:
                 wanted.append((document, index, element))
@@ -193,17 +202,25 @@ def _score_chunk(documents: list[dict[str, Any]], scorer: ClipScorer, images: Ma
         matched = element.get("matched_text_index")
         matched = 0 if matched is None else matched
         position = sentence_index.index(matched) if matched in sentence_index else None
+        recaption = recaption_rows.get(document["doc_id"])
         yield {"doc_id": document["doc_id"], "element_index": index, "key": element["key"],
                "matched_text_index": matched, "similarity": None if position is None else float(sims[position]),
-               "similarities": [float(s) for s in sims]}
+               "similarities": [float(s) for s in sims],
+               "similarity_recaption": None if recaption is None else float(image_features[row] @ text_features[recaption])}
 
 
-def scores_mapping(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    """``(doc_id, element_index) -> similarity`` for :func:`pipelines.filtering.filter_documents`."""
-    return {(r["doc_id"], r["element_index"]): r["similarity"] for r in rows if r["similarity"] is not None}
+def scores_mapping(rows: Iterable[dict[str, Any]], *, prefer_recaption: bool = False) -> dict[tuple[str, int], float]:
+    """``(doc_id, element_index) -> similarity`` for :func:`pipelines.filtering.filter_documents`; with
+    ``prefer_recaption`` a recaptioned pair's similarity is the one to its recaption."""
+    out = {}
+    for r in rows:
+        value = r.get("similarity_recaption") if prefer_recaption else None
+        value = r["similarity"] if value is None else value
+        if value is not None:
+            out[(r["doc_id"], r["element_index"])] = value
+    return out
 
 
-# the sample world's scorer -----------------------------------------------------------------------
 def world_clean_pairs(world: SampleWorld) -> list[tuple[Any, str, bool]]:
     """(scene, text, as_in_metadata) pairs that are true: every pair image with its true caption,
     every story frame with its story sentence (``as_in_metadata``: the kind of text the filter

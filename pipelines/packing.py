@@ -51,6 +51,10 @@ if array(_INT32).itemsize != 4:
     raise ImportError(f"pipelines.packing needs a 4-byte C int for array({_INT32!r})")
 
 
+PAIR_CAPTIONS = ("original", "blip2")
+"""A pair's text: its source text, or its BLIP-2 recaption where one exists."""
+
+
 @dataclass(frozen=True)
 class PackingConfig:
     """How documents become sequences. Written into the shards' index as metadata."""
@@ -85,8 +89,8 @@ class PackingConfig:
                 raise ValueError(f"{name} must be in [0, 1]")
         if self.max_images_per_sequence is not None and self.max_images_per_sequence < 1:
             raise ValueError(f"max_images_per_sequence must be None or >= 1, got {self.max_images_per_sequence}")
-        if self.pair_caption not in ("original", "blip2"):
-            raise ValueError(f"pair_caption must be 'original' or 'blip2', got {self.pair_caption!r}")
+        if self.pair_caption not in PAIR_CAPTIONS:
+            raise ValueError(f"pair_caption must be one of {PAIR_CAPTIONS}, got {self.pair_caption!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from orchestration.resources import (
     QualityBounds, SampleWorld, SampleWorldCaptioner, SampleWorldClipScorer, SampleWorldImages, SampleWorldTokenizer,
     Storage,
 )
+from pipelines.documents import IMAGE_STATUS_OK, read_documents
 from pipelines.image_server import ImageServer
 from pipelines.loader import sequence_dataset
 from pipelines.recaption import CAPTION_FIELD, normalize_caption
@@ -174,6 +175,30 @@ def test_packed_pairs_of_recaptioned_sources_carry_their_recaption(graph):
     assert not set(laion_pairs) & set(recaption)  # LAION keeps its own text
 
 
+def test_recaptioned_pairs_are_judged_by_their_recaption(graph):
+    """Every downloaded CC-12M pair is recaptioned before filtering, scored against its recaption, and kept or
+    dropped on that score (the alt-text it replaces no longer decides); LAION's pairs keep their own text."""
+    manifests = graph.root / "_manifests"
+    key = "cc12m/cc12m-00000.tsv"
+    recaptions = json.loads((manifests / "recaptions" / f"{key}.json").read_text())
+    recaptioned = {r["doc_id"] for r in pq.read_table(recaptions["path"]).to_pylist()}
+    downloaded = json.loads((manifests / "downloaded_images" / f"{key}.json").read_text())
+    assert recaptioned == {d["doc_id"] for d in read_documents(downloaded["documents"])
+                           if d["elements"][0].get("status") == IMAGE_STATUS_OK}
+    rows = pq.read_table(json.loads((manifests / "clip_scores" / f"{key}.json").read_text())["path"]).to_pylist()
+    assert {r["doc_id"] for r in rows if r["similarity_recaption"] is not None} == recaptioned
+    assert any(r["similarity_recaption"] != r["similarity"] for r in rows)
+    laion = json.loads((manifests / "clip_scores" / "laion/part-00000.parquet.json").read_text())
+    assert all(r["similarity_recaption"] is None for r in pq.read_table(laion["path"]).to_pylist())
+    filtered = json.loads((manifests / "filtered_documents" / f"{key}.json").read_text())
+    assert filtered["thresholds"]["pair_caption"] == "blip2"
+    threshold = filtered["thresholds"]["pair_min_similarity"]
+    kept = {d["doc_id"] for d in read_documents(filtered["path"])}
+    assert rows
+    for r in rows:
+        assert (r["doc_id"] in kept) == (r["similarity_recaption"] >= threshold), r
+
+
 def test_weekly_schedule_requests_one_refilter_run_over_every_shard(graph):
     context = dg.build_schedule_context(instance=graph.instance, repository_def=graph.defs.get_repository_def())
     request = weekly_refilter(context)
@@ -192,9 +217,7 @@ def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
     assert result.success
     assert graph.server.request_count == requests_before  # no HTTP: the downloads were re-used
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"filtered_documents", "recaptions", "packed_sequences"}
-    recaptioned = graph.materializations("recaptions")[0].metadata  # the kept pairs are a subset: none captioned again
-    assert recaptioned["captioned"].value == 0 and recaptioned["reused"].value == recaptioned["documents"].value
+    assert materialized == {"filtered_documents", "packed_sequences"}  # every downloaded pair is captioned already
     thresholds = [m.metadata["min_similarity"].value for m in graph.materializations("filtered_documents")]
     assert stricter in thresholds and before in thresholds
     packed = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
@@ -203,6 +226,17 @@ def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
     assert read_index(packed_before["path"]).complete  # the previous shards stay for lineage
     versions = [m.tags["dagster/data_version"] for m in graph.materializations("packed_sequences")]
     assert len(set(versions)) == len(versions)
+
+
+def test_packing_refuses_pairs_judged_by_another_text_than_it_packs(graph):
+    config = preset_run_config("sample_world", ("filtered_documents", "packed_sequences"))
+    config["ops"]["filtered_documents"]["config"]["pair_caption"] = "original"  # packing keeps blip2
+    result = graph.run("refilter", run_config=config, raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert [e.step_key for e in failures] == ["packed_sequences"]
+    message = failures[0].step_failure_data.error.to_string()  # the ValueError is the cause of dagster's error
+    assert "pair_caption" in message and "cc12m/cc12m-00000.tsv" in message, message
 
 
 def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):

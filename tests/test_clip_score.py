@@ -44,6 +44,36 @@ def test_short_training_reduces_the_contrastive_loss_and_saves(tmp_path):
     assert scorer.threshold == report["threshold"] == ClipScorer.load(tmp_path / "s").threshold
 
 
+def test_recaptioned_pairs_are_scored_against_their_recaption_too():
+    """A pair in ``recaptions`` gets the similarity to its recaption beside the one to its own text; the filter's
+    mapping takes the recaption's when asked; interleaved documents and other pairs get None."""
+    world = generate_world(WorldConfig(seed=2, n_pairs=10, n_stories=2))
+    torch.manual_seed(0)
+    scorer = ClipScorer.from_config(tiny_clip_config(image_size=48, context_length=48))
+    documents, images = world_documents(world), world_images(world)
+    pairs = [d for d in documents if d["kind"] == "pair"]
+    story = next(d for d in documents if d["kind"] != "pair")
+    recaptions = {d["doc_id"]: f"A small red circle at the top, digit {i}." for i, d in enumerate(pairs[:4])}
+    rows = list(score_documents(documents, scorer, images, recaptions={**recaptions, story["doc_id"]: "ignored"},
+                                chunk_documents=3))
+    for row in rows:
+        document = next(d for d in documents if d["doc_id"] == row["doc_id"])
+        if row["doc_id"] in recaptions:
+            own = next(e["text"] for e in document["elements"] if e["type"] == "text")
+            both = scorer.similarity([images[row["key"]]], [own, recaptions[row["doc_id"]]])[0].tolist()
+            assert row["similarity"] == pytest.approx(both[0], abs=1e-5)
+            assert row["similarity_recaption"] == pytest.approx(both[1], abs=1e-5)
+        else:
+            assert row["similarity_recaption"] is None
+    recaptioned = [r for r in rows if r["doc_id"] in recaptions]
+    assert len(recaptioned) == len(recaptions)
+    judged, original = scores_mapping(rows, prefer_recaption=True), scores_mapping(rows)
+    for r in rows:
+        expected = r["similarity"] if r["similarity_recaption"] is None else r["similarity_recaption"]
+        assert judged[(r["doc_id"], r["element_index"])] == expected
+        assert original[(r["doc_id"], r["element_index"])] == r["similarity"]
+
+
 @pytest.mark.slow
 def test_trained_scorer_separates_true_from_mismatched_pairs(trained, held_out):
     scorer, report, out = trained

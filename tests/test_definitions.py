@@ -45,7 +45,7 @@ def test_definitions_load():
     assert job_assets("sample_world_main") == data | {"checkpoint", "evaluation_report"}
     assert job_assets("mmfs_ablation") == {"mmfs_ablation_report"}
     assert job_assets("ingest") == {"raw_documents", "downloaded_images"}
-    assert job_assets("refilter") == {"filtered_documents", "recaptions", "packed_sequences"}
+    assert job_assets("refilter") == {"filtered_documents", "packed_sequences"}  # recaptions come before filtering
 
 
 def test_real_data_preset_loads_with_its_environment(tmp_path):
@@ -71,6 +71,7 @@ def test_run_config_presets_validate_against_the_jobs(preset):
     config = preset_run_config(preset, ops)
     assert set(config["ops"]) == set(ops)
     assert config["ops"]["packed_sequences"]["config"]["pair_caption"] == "blip2"
+    assert config["ops"]["filtered_documents"]["config"]["pair_caption"] == "blip2"  # judged by what it is trained on
     job = defs.resolve_job_def("sample_world_main")
     assert job.run_config_schema.config_type is not None
     from dagster._config import process_config
