@@ -55,7 +55,7 @@ def clip_scores(
     on_recaption = 0
     start = time.perf_counter()
     for key, download in downloaded_images.items():
-        recaptioned = recaptions[key]["path"] if recaptions[key]["recaptioned"] else None
+        recaptioned = recaptions[key]["path"]  # None where the shard's source is not recaptioned
         captions = recaptions_mapping(pq.read_table(recaptioned).to_pylist()) if recaptioned else None
         rows = list(score_documents(read_documents(download["documents"]), scorer, downloaded_image_bytes(download),
                                     recaptions=captions))

@@ -221,6 +221,7 @@ def scores_mapping(rows: Iterable[dict[str, Any]], *, prefer_recaption: bool = F
     return out
 
 
+# the sample world's scorer -----------------------------------------------------------------------
 def world_clean_pairs(world: SampleWorld) -> list[tuple[Any, str, bool]]:
     """(scene, text, as_in_metadata) pairs that are true: every pair image with its true caption,
     every story frame with its story sentence (``as_in_metadata``: the kind of text the filter

@@ -254,7 +254,7 @@ def tiny_captioner(tokenizer: PreTrainedTokenizerBase, *, image_size: int = 64, 
     torch.manual_seed(seed)
     config = tiny_blip2_config(tokenizer, image_token_index, image_size=image_size, num_query_tokens=num_query_tokens)
     model = Blip2ForConditionalGeneration(config)
-    # transformers initialises for loading pretrained weights over it, two choices that stall training from scratch:
+    # transformers initialises for pretrained weights to overwrite; three of its choices stall training from scratch:
     # - the query tokens start at zero: identical queries get identical gradients and never tell apart, so draw
     #   them as BLIP-2's own training does;
     # - the ViT's position embeddings start at initializer_range (0.02), ~15x smaller than the patch embeddings:
