@@ -85,3 +85,22 @@ def test_fit_vae_learns_to_reconstruct_and_scales_latents_to_unit_variance(confi
     with torch.no_grad():
         latents = vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor
     assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
+    # deterministic: a sampled latent is the mean, as it nearly is for Stable Diffusion's VAE
+    with torch.no_grad():
+        posterior = vae.encode(images * 2 - 1).latent_dist
+    assert torch.allclose(posterior.sample(), posterior.mean, atol=1e-5)
+
+
+def test_sampling_never_clips_latents(config):
+    """DDIM's default clips every x0 estimate to [-1, 1], a pixel-space range that unit-variance latents leave
+    often. With the UNet predicting zero noise, DDIM's x0 estimate is the start noise / sqrt(alpha_bar) (std ~15):
+    clipped it would end inside [-1, 1]."""
+    torch.manual_seed(0)
+    decoder = ImageDecoder(config.decoder, llm_hidden_size=64, feature_dim=32, num_levels=4).eval()
+    with torch.no_grad():
+        decoder.unet.conv_out.weight.zero_()
+        decoder.unet.conv_out.bias.zero_()
+    condition = decoder.encode_condition(torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool))
+    latents = decoder.sample_latents(condition, context_for(2, 1), guidance_scale=1.0, num_inference_steps=5,
+                                     generator=torch.Generator().manual_seed(0))
+    assert latents.abs().max() > 5
