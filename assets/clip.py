@@ -18,7 +18,7 @@ def clip_scorer(storage: Storage, compute: Compute,
                 clip_scorer_source: dg.ResourceParam[SampleWorldClipScorer | PretrainedClipScorer],
                 ) -> dg.Output[ClipScorerManifest]:
     """The CLIP model that scores image-text similarity (trained on the sample world, or a local checkpoint)."""
-    manifest = provide_clip_scorer(clip_scorer_source.source(), storage.layout.path("clip_scorer"), compute.get())
+    manifest = provide_clip_scorer(clip_scorer_source.get(), storage.layout.path("clip_scorer"), compute.get())
     return dg.Output(manifest, metadata=_scorer_metadata(manifest), data_version=dg.DataVersion(manifest.version))
 
 

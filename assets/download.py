@@ -33,7 +33,7 @@ def downloaded_images(
 ) -> dg.Output[dict[str, DownloadedShard]]:
     """Fetch each shard's image URLs with img2dataset (dedup, host policy, retry pass) and attach every
     image's outcome to its document. Re-running a finished shard fetches nothing (incremental mode)."""
-    result = download_shards(raw_documents, images.source(), config.to(DownloadConfig), storage.layout,
+    result = download_shards(raw_documents, images.get(), config.to(DownloadConfig), storage.layout,
                              log=context.log.info)
     return dg.Output(result.shards, metadata=_metadata(result), data_version=dg.DataVersion(result.version))
 

@@ -27,7 +27,7 @@ from pipelines.data.tokenizer import TokenizerManifest, provide_tokenizer
 def tokenizer(storage: Storage, tokenizer_source: dg.ResourceParam[SampleWorldTokenizer | PretrainedTokenizer],
               ) -> dg.Output[TokenizerManifest]:
     """The text tokenizer with the model's image tokens (``<BoI>`` and the image placeholder)."""
-    manifest = provide_tokenizer(tokenizer_source.source(), storage.layout.path("tokenizer"))
+    manifest = provide_tokenizer(tokenizer_source.get(), storage.layout.path("tokenizer"))
     metadata = {"vocab_size": manifest.vocab_size, "token_ids": asdict(manifest.token_ids), "source": manifest.source,
                 "path": dg.MetadataValue.path(manifest.path)}
     return dg.Output(manifest, metadata=metadata, data_version=dg.DataVersion(manifest.version))

@@ -25,7 +25,7 @@ def captioner(storage: Storage, compute: Compute,
               captioner_source: dg.ResourceParam[SampleWorldCaptioner | PretrainedCaptioner],
               ) -> dg.Output[CaptionerManifest]:
     """The BLIP-2 captioner (the sample world's tiny one, trained here, or a local BLIP-2 directory)."""
-    manifest = provide_captioner(captioner_source.source(), storage.layout.path("captioner"), compute.get())
+    manifest = provide_captioner(captioner_source.get(), storage.layout.path("captioner"), compute.get())
     return dg.Output(manifest, metadata=_captioner_metadata(manifest), data_version=dg.DataVersion(manifest.version[:16]))
 
 

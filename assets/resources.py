@@ -1,7 +1,7 @@
 """Resources: where data lives, where images, tokenizer, CLIP scorer and captioner come from, and where torch runs.
 
 Each is a typed ``ConfigurableResource`` whose fields are derived from a stage's dataclass in ``pipelines/``
-(:mod:`assets.settings`) and whose one method hands that dataclass to the stage; the behaviour is the stage's.
+(:mod:`assets.settings`) and whose ``get()`` hands that dataclass to the stage; the behaviour is the stage's.
 Where there are two, the sample world's small one and the real one are both real code:
 
 - :class:`Storage`: the storage root and the watched folder of raw shards (:class:`pipelines.data.layout.DataLayout`).
@@ -18,7 +18,9 @@ Where there are two, the sample world's small one and the real one are both real
 - :class:`QualityBounds`: the bounds the asset checks hold the data to.
 """
 
+from typing import Any
 
+import dagster as dg
 from pydantic import Field
 
 from assets.settings import StageResource, stage_fields
@@ -38,7 +40,7 @@ from pipelines.training.captioner import WorldCaptioner
 from pipelines.training.clip_scorer import WorldScorer
 
 
-class Storage(StageResource):
+class Storage(dg.ConfigurableResource):
     """The storage root and the watched folder of raw metadata shards (local paths or ``file://`` URLs)."""
 
     root: str = Field(default="data", description="Storage root for every stage's output.")
@@ -64,79 +66,56 @@ class SampleWorld(stage_fields(WorldConfig, ShardSizes, base=StageResource)):
         return generate_world(self.config())
 
 
+class SampleWorldSource(StageResource):
+    """A source of the sample world's own: its stage dataclass takes the world's config."""
+
+    world: SampleWorld
+
+    def get(self) -> Any:
+        return self.to(self.stage, world=self.world.config())
+
+
 class WebImages(stage_fields(HostPolicy, base=StageResource)):
     """Image URLs fetched as written in the metadata, under a host policy (public hosts only by default)."""
 
-    def source(self) -> WebImageSource:
+    def get(self) -> WebImageSource:
         return WebImageSource(self.to(HostPolicy))
 
 
-class SampleWorldImages(stage_fields(SampleWorldImageSource, exclude=("world",), base=StageResource)):
+class SampleWorldImages(stage_fields(SampleWorldImageSource, exclude=("world",), base=SampleWorldSource)):
     """The sample world's images over loopback HTTP with the web's faults (a server started per download, or the
     running one at ``server_url``)."""
 
-    world: SampleWorld
 
-    def source(self) -> SampleWorldImageSource:
-        return self.to(SampleWorldImageSource, world=self.world.config())
-
-
-class SampleWorldTokenizer(stage_fields(WorldTokenizer, exclude=("world",), base=StageResource)):
+class SampleWorldTokenizer(stage_fields(WorldTokenizer, exclude=("world",), base=SampleWorldSource)):
     """The tiny preset's tokenizer: a byte-level BPE trained on the sample world's texts."""
-
-    world: SampleWorld
-
-    def source(self) -> WorldTokenizer:
-        return self.to(WorldTokenizer, world=self.world.config())
 
 
 class PretrainedTokenizer(stage_fields(PretrainedTokenizerSource, base=StageResource)):
     """An LLM's tokenizer from a local directory (no hub access), with the model's image tokens added."""
 
-    def source(self) -> PretrainedTokenizerSource:
-        return self.to(PretrainedTokenizerSource)
 
-
-class SampleWorldClipScorer(stage_fields(WorldScorer, exclude=("world",), base=StageResource)):
+class SampleWorldClipScorer(stage_fields(WorldScorer, exclude=("world",), base=SampleWorldSource)):
     """The sample world's scorer: a tiny open_clip model trained on a world of another seed."""
-
-    world: SampleWorld
-
-    def source(self) -> WorldScorer:
-        return self.to(WorldScorer, world=self.world.config())
 
 
 class PretrainedClipScorer(stage_fields(PretrainedClip, base=StageResource)):
     """An open_clip model by name with weights from a local file (never downloaded)."""
 
-    def source(self) -> PretrainedClip:
-        return self.to(PretrainedClip)
 
-
-class SampleWorldCaptioner(stage_fields(WorldCaptioner, exclude=("world",), base=StageResource)):
+class SampleWorldCaptioner(stage_fields(WorldCaptioner, exclude=("world",), base=SampleWorldSource)):
     """The sample world's captioner: a tiny BLIP-2 trained on a world of another seed."""
-
-    world: SampleWorld
-
-    def source(self) -> WorldCaptioner:
-        return self.to(WorldCaptioner, world=self.world.config())
 
 
 class PretrainedCaptioner(stage_fields(PretrainedBlip2, base=StageResource)):
     """A BLIP-2 directory (``save_pretrained`` layout) on local disk, never downloaded."""
 
-    def source(self) -> PretrainedBlip2:
-        return self.to(PretrainedBlip2)
-
 
 class Compute(stage_fields(compute.Compute, base=StageResource)):
     """Where the stages that run torch run: device and CPU threads (:class:`pipelines.compute.Compute`)."""
 
-    def get(self) -> compute.Compute:
-        return self.to(compute.Compute)
 
-
-class QualityBounds(StageResource):
+class QualityBounds(dg.ConfigurableResource):
     """Bounds the asset checks hold the data to."""
 
     min_parse_rate: float = Field(default=0.9, description="Raw records that parse, per run.")

@@ -16,7 +16,7 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import dagster as dg
 import pydantic
@@ -63,9 +63,10 @@ def _config_value(value: Any) -> Any:
     return value
 
 
-def stage_fields(*stages: type, exclude: tuple[str, ...] = (), base: type = None) -> type:
-    """A base class (``base``: :class:`StageConfig` by default, or :class:`StageResource`) holding the fields of the
-    ``stages`` dataclasses but ``exclude``; subclass it to add fields and methods."""
+def stage_fields(*stages: type, exclude: tuple[str, ...] = (), base: type | None = None) -> type:
+    """A base class (``base``: :class:`StageConfig` by default, or a :class:`StageResource`) holding the fields of the
+    ``stages`` dataclasses but ``exclude``; subclass it to add fields and methods. Derived from one stage, its
+    ``stage`` is that dataclass (what :meth:`StageResource.get` builds)."""
     base = base or StageConfig
     fields: dict[str, Any] = {}
     for stage in stages:
@@ -84,7 +85,9 @@ def stage_fields(*stages: type, exclude: tuple[str, ...] = (), base: type = None
             described = pydantic.Field(default=_config_value(default), description=docs.get(field.name))
             fields[field.name] = (_config_type(hints[field.name]), described)
     name = "".join(s.__name__ for s in stages) + "Fields"
-    return pydantic.create_model(name, __base__=base, __module__=__name__, **fields)
+    derived = pydantic.create_model(name, __base__=base, __module__=__name__, **fields)
+    derived.stage = stages[0] if len(stages) == 1 else None
+    return derived
 
 
 @functools.cache
@@ -118,6 +121,8 @@ def _to(settings: pydantic.BaseModel, stage: type[T], overrides: dict[str, Any])
 class StageConfig(dg.Config):
     """Run config derived from stage dataclasses (see :func:`stage_fields`)."""
 
+    stage: ClassVar[type | None] = None
+
     def to(self, stage: type[T], **overrides: Any) -> T:
         """The ``stage`` dataclass with this config's values for its fields (``overrides`` for the others)."""
         return _to(self, stage, overrides)
@@ -126,6 +131,12 @@ class StageConfig(dg.Config):
 class StageResource(dg.ConfigurableResource):
     """A resource whose config is derived from stage dataclasses (see :func:`stage_fields`)."""
 
+    stage: ClassVar[type | None] = None
+
     def to(self, stage: type[T], **overrides: Any) -> T:
         """The ``stage`` dataclass with this resource's values for its fields (``overrides`` for the others)."""
         return _to(self, stage, overrides)
+
+    def get(self) -> Any:
+        """The dataclass this resource configures, for the stage that takes it."""
+        return self.to(self.stage)

@@ -56,7 +56,7 @@ def graph(tmp_path_factory):
     # 3 raw shards (one per source), ~40 images; permanent faults only, so no retry pass is needed.
     world = SampleWorld(n_pairs=16, n_stories=6, n_eval=2, docs_per_shard=8)
     faults = {"not_found": 0.08, "server_error": 0.0, "truncated": 0.0, "not_image": 0.04, "transient": 0.0}
-    with ImageServer(world.generate().routes(), SampleWorldImages(world=world, faults=faults).source().faults) as server, \
+    with ImageServer(world.generate().routes(), SampleWorldImages(world=world, faults=faults).get().faults) as server, \
             dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster_home"))) as instance:
         resources = {
             **sample_world_resources(str(root), world),
@@ -193,6 +193,35 @@ def test_recaptioned_pairs_are_judged_by_their_recaption(graph):
         assert (r["doc_id"] in kept) == (r["similarity_recaption"] >= threshold), r
 
 
+@pytest.mark.slow
+def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph):
+    """Before the refilter test: the variants are packed from the documents the preset's thresholds keep."""
+    config = {"ops": {
+        "ablation_sequences": {"config": {"max_length": 640, "samples_per_shard": 64}},
+        "ablation_checkpoints": {"config": {"max_steps": 2, "warmup_steps": 0, "zero_stage": 0, "checkpoint_every": 2,
+                                            "vae_steps": 2}},
+        "mmfs_ablation_report": {"config": {"tasks": ["captioning", "text_to_image"], "limit": 1,
+                                            "num_inference_steps": 2, "max_new_tokens": 4}},
+    }}
+    result = graph.defs.resolve_job_def("mmfs_ablation").execute_in_process(
+        instance=graph.instance, run_config=config, tags=partition_range_tags(list(VARIANTS)))
+    assert result.success
+    sequences = result.output_for_node("ablation_sequences")
+    assert {k: s.packing.num_image_tokens for k, s in sequences.items()} == {k: v.num_visual_tokens
+                                                                             for k, v in VARIANTS.items()}
+    checkpoints = result.output_for_node("ablation_checkpoints")
+    assert all(c.step == 2 for c in checkpoints.values())
+    for key, variant in VARIANTS.items():  # MMFS in the image decoder exactly where the variant has it
+        model_config = json.loads(Path(checkpoints[key].model_dir, "config.json").read_text())
+        assert (model_config["decoder"]["mmfs"] is not None) == variant.mmfs, key
+    report = result.output_for_node("mmfs_ablation_report")
+    assert list(report.scores) == [v.name for v in PAPER_VARIANTS]
+    text = (Path(report.path) / "report.md").read_text()
+    assert all(v.name in text for v in PAPER_VARIANTS) and (Path(report.path) / "loss.png").is_file()
+    assert json.loads((Path(report.path) / "results.json").read_text())["lineage"]["variants"]["256 tokens, no MMFS"] == {
+        "num_visual_tokens": 256, "mmfs": False}
+
+
 def test_weekly_schedule_requests_one_refilter_run_over_every_shard(graph):
     context = dg.build_schedule_context(instance=graph.instance, repository_def=graph.defs.get_repository_def())
     request = weekly_refilter(context)
@@ -220,34 +249,6 @@ def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
     assert read_index(packed_before["path"]).complete  # the previous shards stay for lineage
     versions = [m.tags["dagster/data_version"] for m in graph.materializations("packed_sequences")]
     assert len(set(versions)) == len(versions)
-
-
-@pytest.mark.slow
-def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph):
-    config = {"ops": {
-        "ablation_sequences": {"config": {"max_length": 640, "samples_per_shard": 64}},
-        "ablation_checkpoints": {"config": {"max_steps": 2, "warmup_steps": 0, "zero_stage": 0, "checkpoint_every": 2,
-                                            "vae_steps": 2}},
-        "mmfs_ablation_report": {"config": {"tasks": ["captioning", "text_to_image"], "limit": 1,
-                                            "num_inference_steps": 2, "max_new_tokens": 4}},
-    }}
-    result = graph.defs.resolve_job_def("mmfs_ablation").execute_in_process(
-        instance=graph.instance, run_config=config, tags=partition_range_tags(list(VARIANTS)))
-    assert result.success
-    sequences = result.output_for_node("ablation_sequences")
-    assert {k: s.packing.num_image_tokens for k, s in sequences.items()} == {k: v.num_visual_tokens
-                                                                             for k, v in VARIANTS.items()}
-    checkpoints = result.output_for_node("ablation_checkpoints")
-    assert all(c.step == 2 for c in checkpoints.values())
-    for key, variant in VARIANTS.items():  # MMFS in the image decoder exactly where the variant has it
-        model_config = json.loads(Path(checkpoints[key].model_dir, "config.json").read_text())
-        assert (model_config["decoder"]["mmfs"] is not None) == variant.mmfs, key
-    report = result.output_for_node("mmfs_ablation_report")
-    assert list(report.scores) == [v.name for v in PAPER_VARIANTS]
-    text = (Path(report.path) / "report.md").read_text()
-    assert all(v.name in text for v in PAPER_VARIANTS) and (Path(report.path) / "loss.png").is_file()
-    assert json.loads((Path(report.path) / "results.json").read_text())["lineage"]["variants"]["256 tokens, no MMFS"] == {
-        "num_visual_tokens": 256, "mmfs": False}
 
 
 def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):

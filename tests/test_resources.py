@@ -43,10 +43,10 @@ def test_sample_world_images_download_over_loopback_with_faults(tmp_path):
     world = SampleWorld(n_pairs=8, n_stories=1, n_eval=1)
     written = write_metadata(world.generate(), tmp_path / "raw", METADATA_BASE_URL)
     faults = {"not_found": 0.25, "server_error": 0.0, "truncated": 0.0, "not_image": 0.0, "transient": 0.0}
-    images = SampleWorldImages(world=world, faults=faults).source()
+    images = SampleWorldImages(world=world, faults=faults).get()
     documents = list(read_source(written["laion"][0]))
     with ImageServer(world.generate().routes(), images.faults) as server:
-        source = SampleWorldImages(world=world, server_url=server.base_url, faults=faults).source()
+        source = SampleWorldImages(world=world, server_url=server.base_url, faults=faults).get()
         result = source.download(documents, tmp_path / "out", DownloadConfig(image_size=64, resize_mode="no",
                                                                              retry_passes=0))
         assert server.request_count == len(documents)
@@ -66,10 +66,10 @@ def test_torch_threads_are_restored_even_after_an_error():
 
 def test_pretrained_captioner_is_a_local_directory_named_by_its_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        provide_captioner(PretrainedCaptioner(path=str(tmp_path / "missing")).source(), tmp_path / "unused")
+        provide_captioner(PretrainedCaptioner(path=str(tmp_path / "missing")).get(), tmp_path / "unused")
     world = SampleWorld(n_pairs=4, n_stories=1, n_eval=1).generate()
     saved = tiny_captioner(train_tokenizer(world_texts(world)), max_new_tokens=4).save_pretrained(tmp_path / "blip2")
-    source = PretrainedCaptioner(path=str(saved), captioning={"batch_size": 2, "max_new_tokens": 4}).source()
+    source = PretrainedCaptioner(path=str(saved), captioning={"batch_size": 2, "max_new_tokens": 4}).get()
     manifest = provide_captioner(source, tmp_path / "unused")
     assert manifest.kind == "pretrained" and "config.json" in manifest.files
     assert provide_captioner(source, tmp_path / "unused").version == manifest.version  # unchanged files, same version

@@ -105,6 +105,8 @@ def train_checkpoint(sequences: PackedSequences, tokenizer: TokenizerManifest, m
     ``training`` gives the settings; its ``run_dir`` is the folder the run's own folder is made in (named by the
     fingerprint of the shards, the model and the settings), and its ``shards``, ``tokenizer``, ``model`` and
     ``torch_threads`` are set from the other arguments."""
+    if sequences.samples == 0:
+        raise ValueError(f"{sequences.path} holds no packed sequence to train on (did filtering keep any document?)")
     model_config = model.model_config(sequences.packing.num_image_tokens)
     config_hash = fingerprint(model_config.to_dict())
     inputs = {"shards": sequences.path, "tokenizer": tokenizer.path, "model": model_config.to_dict(),
