@@ -1,14 +1,15 @@
-"""The Dagster code location of weft (loaded by ``workspace.yaml``).
+"""The Dagster code location of weft (loaded by ``workspace.yaml``): wiring only.
 
-Two resource sets, chosen by ``WEFT_PRESET`` when the code location loads (the deployment pattern of
-Dagster's example projects); everything else comes from run config:
+Two resource sets, chosen by ``WEFT_PRESET`` when Dagster loads the code location (``@dg.definitions``: nothing is
+read from the environment at import); everything else comes from run config:
 
-- ``sample_world`` (default): the embedded sample world under ``$WEFT_DATA_ROOT`` (default ``data``),
-  served over loopback HTTP, with the tiny BPE tokenizer;
-- ``real_data``: raw metadata shards in ``$WEFT_RAW_DIR`` (the sensor's watched folder, laid out as
-  ``mmc4/``, ``laion/``, ``cc12m/``), outputs under ``$WEFT_DATA_ROOT``, images fetched from the web,
-  the LLM's tokenizer from ``$WEFT_TOKENIZER_DIR``, CLIP ViT-L/14 weights from ``$WEFT_CLIP_CHECKPOINT``,
-  a BLIP-2 directory from ``$WEFT_BLIP2_DIR``. Op settings: ``orchestration/presets/*.yaml``.
+- ``sample_world`` (default): the embedded sample world under ``$WEFT_DATA_ROOT`` (default ``data``), served over
+  loopback HTTP, with the tiny BPE tokenizer, CLIP scorer and captioner trained on worlds of other seeds;
+- ``real_data``: raw metadata shards in ``$WEFT_RAW_DIR`` (the sensor's watched folder, laid out as ``mmc4/``,
+  ``laion/``, ``cc12m/``), outputs under ``$WEFT_DATA_ROOT``, images fetched from the web, the LLM's tokenizer from
+  ``$WEFT_TOKENIZER_DIR``, CLIP ViT-L/14 weights from ``$WEFT_CLIP_CHECKPOINT``, a BLIP-2 directory from
+  ``$WEFT_BLIP2_DIR`` (all resolved by Dagster's ``EnvVar`` when a run starts). Op settings:
+  ``orchestration/presets/*.yaml``.
 
 Instance storage is ``$DAGSTER_HOME`` (the project's ``dagster_home/`` in the Makefile); for a cluster
 see ``orchestration/presets/dagster_cluster.yaml``.
@@ -18,35 +19,56 @@ import os
 
 import dagster as dg
 
+from assets.ablation import ablation_checkpoints, ablation_sequences, mmfs_ablation_report
 from assets.clip import clip_scorer, clip_scores
 from assets.download import downloaded_images, downloaded_images_shard_integrity, downloaded_images_success_rate
-from assets.evaluation import evaluation_report, evaluation_report_beats_untrained, mmfs_ablation_report
+from assets.evaluation import evaluation_report, evaluation_report_beats_untrained
 from assets.filtering import filtered_documents, filtered_documents_pass_rate
+from assets.io_manager import ManifestIOManager
 from assets.packing import packed_sequences, packed_sequences_max_tokens, packed_sequences_shard_integrity, tokenizer
 from assets.recaption import captioner, recaptions
+from assets.resources import (
+    Compute,
+    PretrainedCaptioner,
+    PretrainedClipScorer,
+    PretrainedTokenizer,
+    QualityBounds,
+    SampleWorld,
+    SampleWorldCaptioner,
+    SampleWorldClipScorer,
+    SampleWorldImages,
+    SampleWorldTokenizer,
+    Storage,
+    WebImages,
+)
 from assets.sample_world import sample_world
 from assets.sources import raw_documents, raw_documents_parse_rate
 from assets.training import checkpoint
-from orchestration.io_managers import ManifestIOManager
 from orchestration.jobs import (
-    ingest, mmfs_ablation, raw_shard_sensor, refilter, sample_world_data, sample_world_main, weekly_refilter,
-)
-from orchestration.resources import (
-    PretrainedCaptioner, PretrainedClipScorer, PretrainedTokenizer, QualityBounds, SampleWorld, SampleWorldCaptioner,
-    SampleWorldClipScorer, SampleWorldImages, SampleWorldTokenizer, Storage, WebImages,
+    ingest,
+    mmfs_ablation,
+    raw_shard_sensor,
+    refilter,
+    sample_world_data,
+    sample_world_main,
+    weekly_refilter,
 )
 
+PRESETS = ("sample_world", "real_data")
 DATA_ASSETS = [raw_documents, downloaded_images, clip_scorer, clip_scores, filtered_documents, captioner, recaptions,
                tokenizer, packed_sequences, checkpoint]
 DATA_CHECKS = [raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
                filtered_documents_pass_rate, packed_sequences_shard_integrity, packed_sequences_max_tokens]
 # The sample world ships its own benchmarks (and its scenes for the ablation); real benchmarks come with
 # their own data, so these assets exist in the sample-world preset only.
-SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, mmfs_ablation_report]
+SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, ablation_checkpoints,
+                           mmfs_ablation_report]
+
+SAMPLE_WORLD = SampleWorld(n_pairs=48, n_stories=24, n_eval=8, docs_per_shard=12)
+"""The embedded default's world: small enough that the main job runs in minutes on a laptop CPU."""
 
 
-def sample_world_resources(data_root: str = "data") -> dict:
-    world = SampleWorld()
+def sample_world_resources(data_root: str | dg.EnvVar = "data", world: SampleWorld = SAMPLE_WORLD) -> dict:
     storage = Storage(root=data_root)
     return {
         "storage": storage,
@@ -55,6 +77,7 @@ def sample_world_resources(data_root: str = "data") -> dict:
         "tokenizer_source": SampleWorldTokenizer(world=world),
         "clip_scorer_source": SampleWorldClipScorer(world=world),
         "captioner_source": SampleWorldCaptioner(world=world),
+        "compute": Compute(),
         "bounds": QualityBounds(),
         "io_manager": ManifestIOManager(storage=storage),
     }
@@ -68,34 +91,29 @@ def real_data_resources() -> dict:
         "tokenizer_source": PretrainedTokenizer(path=dg.EnvVar("WEFT_TOKENIZER_DIR")),
         "clip_scorer_source": PretrainedClipScorer(checkpoint=dg.EnvVar("WEFT_CLIP_CHECKPOINT")),
         "captioner_source": PretrainedCaptioner(path=dg.EnvVar("WEFT_BLIP2_DIR")),
+        "compute": Compute(),
         "bounds": QualityBounds(),
         "io_manager": ManifestIOManager(storage=storage),
     }
 
 
 def build_definitions(preset: str, resources: dict) -> dg.Definitions:
+    if preset not in PRESETS:
+        raise ValueError(f"WEFT_PRESET must be one of {PRESETS}, got {preset!r}")
     if preset == "sample_world":
         assets, checks = [*DATA_ASSETS, *SAMPLE_WORLD_EVALUATION], [*DATA_CHECKS, evaluation_report_beats_untrained]
         jobs = [sample_world_data, sample_world_main, mmfs_ablation, refilter, ingest]
     else:
         assets, checks, jobs = DATA_ASSETS, DATA_CHECKS, [refilter, ingest]
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=checks,
-        jobs=jobs,
-        schedules=[weekly_refilter],
-        sensors=[raw_shard_sensor],
-        resources=resources,
-    )
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=[weekly_refilter],
+                          sensors=[raw_shard_sensor], resources=resources)
 
 
-def _load() -> dg.Definitions:
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location in the preset ``WEFT_PRESET`` names (read when Dagster loads it)."""
     preset = os.environ.get("WEFT_PRESET", "sample_world")
-    if preset == "sample_world":
-        return build_definitions(preset, sample_world_resources(os.environ.get("WEFT_DATA_ROOT", "data")))
     if preset == "real_data":
         return build_definitions(preset, real_data_resources())
-    raise ValueError(f"WEFT_PRESET must be sample_world or real_data, got {preset!r}")
-
-
-defs = _load()
+    data_root = dg.EnvVar("WEFT_DATA_ROOT") if "WEFT_DATA_ROOT" in os.environ else "data"
+    return build_definitions(preset, sample_world_resources(data_root))

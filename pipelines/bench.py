@@ -18,7 +18,7 @@ machine) for two document mixes (:func:`document_mixes`):
 
 For each mix it times ``pack_documents`` (tokenize + pack), ``pack_tokenized`` alone, and the text
 encoders on the mix's sentences: plain one-by-one ``Tokenizer.encode`` (the reference, ratio 1),
-``encode_batch_fast`` and :class:`pipelines.tokenizer.TextEncoder`'s modes, the ``words`` mode both
+``encode_batch_fast`` and :class:`pipelines.data.tokenizer.TextEncoder`'s modes, the ``words`` mode both
 with a cold and a warm pre-token cache. Every figure is the best of ``--repeats``. The documents
 are built before timing and frozen out of the garbage collector's view (``gc.freeze``), as they
 would be when streamed.
@@ -46,13 +46,13 @@ from typing import Any, TypeVar
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipelines.documents import image_element, make_document, text_element  # noqa: E402
-from pipelines.loader import bench_loader as loader_rate  # noqa: E402
-from pipelines.packing import PackingConfig, PackingStats, pack_documents, pack_tokenized, tokenize_documents  # noqa: E402
+from pipelines.data.documents import image_element, make_document, text_element  # noqa: E402
+from pipelines.data.loader import bench_loader as loader_rate  # noqa: E402
+from pipelines.data.packing import PackingConfig, PackingStats, pack_documents, pack_tokenized, tokenize_documents  # noqa: E402
+from pipelines.data.shards import write_shards  # noqa: E402
+from pipelines.data.tokenizer import TextEncoder, token_ids, train_tokenizer  # noqa: E402
+from pipelines.sample_world.documents import world_documents, world_images, world_texts  # noqa: E402
 from pipelines.sample_world.world import SampleWorld, WorldConfig, generate_world  # noqa: E402
-from pipelines.shards import write_shards  # noqa: E402
-from pipelines.tokenizer import TextEncoder, token_ids, train_tokenizer, world_texts  # noqa: E402
-from pipelines.world_data import world_documents, world_images  # noqa: E402
 
 T = TypeVar("T")
 Documents = list[dict[str, Any]]
@@ -202,12 +202,12 @@ def bench_download(images: int, repeats: int, processes: int, threads: int, imag
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.download import DownloadConfig, download_documents, run_img2dataset
-    from pipelines.errors import BadRecordLog
-    from pipelines.hosts import HostPolicy
-    from pipelines.image_server import ImageServer
-    from pipelines.readers import read_source
+    from pipelines.data.download import DownloadConfig, download_documents, run_img2dataset
+    from pipelines.data.errors import BadRecordLog
+    from pipelines.data.hosts import HostPolicy
+    from pipelines.data.readers import read_source
     from pipelines.sample_world.formats import write_metadata
+    from pipelines.sample_world.image_server import ImageServer
 
     n_stories = max(1, images // 10)
     world = generate_world(WorldConfig(seed=0, n_pairs=images - 4 * n_stories, n_stories=n_stories,

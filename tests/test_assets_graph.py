@@ -8,19 +8,18 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration.definitions import build_definitions
-from orchestration.io_managers import ManifestIOManager
+from assets.resources import SampleWorld, SampleWorldCaptioner, SampleWorldClipScorer, SampleWorldImages
+from orchestration.definitions import build_definitions, sample_world_resources
 from orchestration.jobs import partition_range_tags, preset_run_config, weekly_refilter
-from orchestration.resources import (
-    QualityBounds, SampleWorld, SampleWorldCaptioner, SampleWorldClipScorer, SampleWorldImages, SampleWorldTokenizer,
-    Storage,
-)
-from pipelines.documents import IMAGE_STATUS_OK, read_documents
-from pipelines.image_server import ImageServer
-from pipelines.loader import sequence_dataset
-from pipelines.recaption import CAPTION_FIELD, normalize_caption
-from pipelines.tokenizer import load_tokenizer
-from pipelines.shards import read_index, shard_keys, verify_shards
+from pipelines.data.documents import IMAGE_STATUS_OK, read_documents
+from pipelines.data.loader import sequence_dataset
+from pipelines.data.recaption import CAPTION_FIELD
+from pipelines.data.shards import read_index, verify_shards
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.evaluation.ablation import PAPER_VARIANTS, VARIANTS
+from pipelines.files import tar_keys
+from pipelines.sample_world.captions import normalize_caption
+from pipelines.sample_world.image_server import ImageServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
 
@@ -56,22 +55,17 @@ def graph(tmp_path_factory):
     root = tmp_path_factory.mktemp("weft_data")
     # 3 raw shards (one per source), ~40 images; permanent faults only, so no retry pass is needed.
     world = SampleWorld(n_pairs=16, n_stories=6, n_eval=2, docs_per_shard=8)
-    faults = SampleWorldImages(world=world, not_found=0.08, server_error=0.0, truncated=0.0, not_image=0.04,
-                               transient=0.0)
-    with ImageServer(world.generate().routes(), faults.faults()) as server, \
+    faults = {"not_found": 0.08, "server_error": 0.0, "truncated": 0.0, "not_image": 0.04, "transient": 0.0}
+    with ImageServer(world.generate().routes(), SampleWorldImages(world=world, faults=faults).get().faults) as server, \
             dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster_home"))) as instance:
-        storage = Storage(root=str(root))
         resources = {
-            "storage": storage, "world": world,
-            "images": SampleWorldImages(world=world, server_url=server.base_url, not_found=0.08, server_error=0.0,
-                                        truncated=0.0, not_image=0.04, transient=0.0),
-            "tokenizer_source": SampleWorldTokenizer(world=world), "bounds": QualityBounds(),
-            "clip_scorer_source": SampleWorldClipScorer(world=world, steps=10, batch_size=32, training_pairs=60,
-                                                        training_stories=8),
+            **sample_world_resources(str(root), world),
+            "images": SampleWorldImages(world=world, server_url=server.base_url, faults=faults),
+            "clip_scorer_source": SampleWorldClipScorer(world=world, training={"steps": 10, "batch_size": 32},
+                                                        training_pairs=60, training_stories=8),
             # a few steps on a small world: captions are wrong but real model output (not empty)
-            "captioner_source": SampleWorldCaptioner(world=world, steps=40, train_batch_size=16, training_pairs=200,
-                                                     max_new_tokens=24),
-            "io_manager": ManifestIOManager(storage=storage),
+            "captioner_source": SampleWorldCaptioner(world=world, training={"steps": 40, "batch_size": 16},
+                                                     training_pairs=200, captioning={"max_new_tokens": 24}),
         }
         g = Graph(instance, build_definitions("sample_world", resources), server, root)
         world_run = g.defs.get_implicit_global_asset_job_def().execute_in_process(
@@ -142,22 +136,22 @@ def test_packed_shards_are_webdataset_with_an_intact_index(graph):
     assert index.complete and index.samples == manifest["samples"]
     threshold = graph.materializations("clip_scorer")[0].metadata["threshold"].value
     assert index.meta["filter_thresholds"]["mmc4/docs_shard_0_v2.jsonl.zip"]["min_similarity"] == threshold
-    keys = shard_keys(Path(manifest["urls"][0]))
+    keys = tar_keys(Path(manifest["urls"][0]))
     assert keys and all("." not in k for k in keys)
 
 
 def test_packed_pairs_of_recaptioned_sources_carry_their_recaption(graph):
     manifests = graph.root / "_manifests"
     recaptions = {k: json.loads((manifests / "recaptions" / f"{k}.json").read_text()) for k in graph.keys}
-    assert [k for k, m in recaptions.items() if m["recaptioned"]] == ["cc12m/cc12m-00000.tsv"]
+    assert [k for k, m in recaptions.items() if m["path"] is not None] == ["cc12m/cc12m-00000.tsv"]
     rows = pq.read_table(recaptions["cc12m/cc12m-00000.tsv"]["path"]).to_pylist()
     assert rows and all(r[CAPTION_FIELD].strip() for r in rows)
     recaption = {r["doc_id"]: r[CAPTION_FIELD] for r in rows}
     source_text = {r["doc_id"]: r["caption"] for r in rows}
     packed = json.loads((manifests / "packed_sequences" / "manifest.json").read_text())
     tokenizer_manifest = json.loads((manifests / "tokenizer" / "manifest.json").read_text())
-    tokenizer = load_tokenizer(tokenizer_manifest["path"], boi_token=tokenizer_manifest["source"]["boi_token"],
-                               image_token=tokenizer_manifest["source"]["image_token"])
+    tokenizer = load_tokenizer(tokenizer_manifest["path"], boi_token=tokenizer_manifest["boi_token"],
+                               image_token=tokenizer_manifest["image_token"])
     texts: dict[str, str] = {}
     kinds: dict[str, str] = {}
     for sample in sequence_dataset(packed["urls"], image_size=(64, 64), shuffle_buffer=1):
@@ -199,6 +193,35 @@ def test_recaptioned_pairs_are_judged_by_their_recaption(graph):
         assert (r["doc_id"] in kept) == (r["similarity_recaption"] >= threshold), r
 
 
+@pytest.mark.slow
+def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph):
+    """Before the refilter test: the variants are packed from the documents the preset's thresholds keep."""
+    config = {"ops": {
+        "ablation_sequences": {"config": {"max_length": 640, "samples_per_shard": 64}},
+        "ablation_checkpoints": {"config": {"max_steps": 2, "warmup_steps": 0, "zero_stage": 0, "checkpoint_every": 2,
+                                            "vae_steps": 2}},
+        "mmfs_ablation_report": {"config": {"tasks": ["captioning", "text_to_image"], "limit": 1,
+                                            "num_inference_steps": 2, "max_new_tokens": 4}},
+    }}
+    result = graph.defs.resolve_job_def("mmfs_ablation").execute_in_process(
+        instance=graph.instance, run_config=config, tags=partition_range_tags(list(VARIANTS)))
+    assert result.success
+    sequences = result.output_for_node("ablation_sequences")
+    assert {k: s.packing.num_image_tokens for k, s in sequences.items()} == {k: v.num_visual_tokens
+                                                                             for k, v in VARIANTS.items()}
+    checkpoints = result.output_for_node("ablation_checkpoints")
+    assert all(c.step == 2 for c in checkpoints.values())
+    for key, variant in VARIANTS.items():  # MMFS in the image decoder exactly where the variant has it
+        model_config = json.loads(Path(checkpoints[key].model_dir, "config.json").read_text())
+        assert (model_config["decoder"]["mmfs"] is not None) == variant.mmfs, key
+    report = result.output_for_node("mmfs_ablation_report")
+    assert list(report.scores) == [v.name for v in PAPER_VARIANTS]
+    text = (Path(report.path) / "report.md").read_text()
+    assert all(v.name in text for v in PAPER_VARIANTS) and (Path(report.path) / "loss.png").is_file()
+    assert json.loads((Path(report.path) / "results.json").read_text())["lineage"]["variants"]["256 tokens, no MMFS"] == {
+        "num_visual_tokens": 256, "mmfs": False}
+
+
 def test_weekly_schedule_requests_one_refilter_run_over_every_shard(graph):
     context = dg.build_schedule_context(instance=graph.instance, repository_def=graph.defs.get_repository_def())
     request = weekly_refilter(context)
@@ -226,17 +249,6 @@ def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
     assert read_index(packed_before["path"]).complete  # the previous shards stay for lineage
     versions = [m.tags["dagster/data_version"] for m in graph.materializations("packed_sequences")]
     assert len(set(versions)) == len(versions)
-
-
-def test_packing_refuses_pairs_judged_by_another_text_than_it_packs(graph):
-    config = preset_run_config("sample_world", ("filtered_documents", "packed_sequences"))
-    config["ops"]["filtered_documents"]["config"]["pair_caption"] = "original"  # packing keeps blip2
-    result = graph.run("refilter", run_config=config, raise_on_error=False)
-    assert not result.success
-    failures = [e for e in result.all_events if e.is_step_failure]
-    assert [e.step_key for e in failures] == ["packed_sequences"]
-    message = failures[0].step_failure_data.error.to_string()  # the ValueError is the cause of dagster's error
-    assert "pair_caption" in message and "cc12m/cc12m-00000.tsv" in message, message
 
 
 def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):

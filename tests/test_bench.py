@@ -11,9 +11,10 @@ from pipelines.bench import (
     mmc4_length_mix,
     sample_world_mix,
 )
-from pipelines.packing import PackingConfig
+from pipelines.data.packing import PackingConfig
+from pipelines.data.tokenizer import train_tokenizer
+from pipelines.sample_world.documents import world_texts
 from pipelines.sample_world.world import WorldConfig, generate_world
-from pipelines.tokenizer import train_tokenizer, world_texts
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The ``weft`` console script: train from shards, then generate from the checkpoint it saved."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -9,9 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from model.cli import build_parser, main
-from pipelines.clip_score import ClipScorer, tiny_clip_config
+from model.mm_interleaved import MMInterleaved
+from pipelines.cli import build_parser, main
+from pipelines.data.clip_score import ClipScorer
+from pipelines.evaluation.run import EvaluationConfig
 from pipelines.sample_world.world import WorldConfig, generate_world
+from pipelines.training.clip_scorer import tiny_clip_config
+
 from world_shards import write_world_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +47,11 @@ def test_generate_writes_text_and_images_in_order(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "generation.json").read_text())
     assert [e["type"] for e in result["prompt"]] == ["image", "text"]
+    # options left out sample as MMInterleaved.generate does by default (it used to be 3.5 here, 7.5 there)
+    defaults = inspect.signature(MMInterleaved.generate).parameters
+    assert result["settings"] == {"guidance_scale": defaults["guidance_scale"].default,
+                                  "max_new_images": defaults["max_new_images"].default, "max_new_tokens": 4,
+                                  "num_inference_steps": 2, "seed": 0}
     images = [e for e in result["generated"] if e["type"] == "image"]
     assert result["generated"][0]["type"] == "image" and len(images) == 1  # the prompt's <BoI> forces an image first
     assert Image.open(out / images[0]["path"]).size == (32, 32)  # the tiny preset's image size
@@ -66,6 +76,51 @@ def test_eval_reads_the_world_beside_its_splits_and_writes_a_report(run_dir, tmp
     assert result["step"] == 2 and [t["task"] for t in result["tasks"]] == ["captioning", "text_to_image"]
     assert result["clip"]["count"] == 2 and result["fid"]["label"] == "FID (clip features, not comparable to FID)"
     assert "captioning" in (out / "report.md").read_text()
+
+
+def _coco(root: Path) -> Path:
+    """Two images and their captions in the Karpathy split's layout, plus VQAv2-style questions about them."""
+    (root / "val2014").mkdir(parents=True)
+    for number, colour in ((1, "red"), (2, "blue")):
+        Image.new("RGB", (48, 48), colour).save(root / "val2014" / f"COCO_val2014_{number:012d}.jpg")
+    images = [{"filepath": "val2014", "filename": f"COCO_val2014_{n:012d}.jpg", "split": "test", "cocoid": n,
+               "sentences": [{"raw": f"a {c} square."}]} for n, c in ((1, "red"), (2, "blue"))]
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    (root / "questions.json").write_text(json.dumps({"questions": [
+        {"question_id": n, "image_id": n, "question": "what colour is it?"} for n in (1, 2)]}))
+    (root / "annotations.json").write_text(json.dumps({"annotations": [
+        {"question_id": n, "answers": [{"answer": c}] * 10} for n, c in ((1, "red"), (2, "blue"))]}))
+    return root
+
+
+def test_eval_runs_real_benchmarks_from_local_files(run_dir, tmp_path):
+    coco = _coco(tmp_path / "coco")
+    common = ["--checkpoint", str(run_dir), "--max-new-tokens", "4", "--steps", "2"]
+    assert main(["eval", "--benchmark", "coco", "--annotations", str(coco / "dataset_coco.json"), "--images", str(coco),
+                 "--out", str(tmp_path / "coco_report"), *common]) == 0
+    (result,) = json.loads((tmp_path / "coco_report" / "results.json").read_text())["results"].values()
+    assert [(t["task"], t["count"], list(t["metrics"])) for t in result["tasks"]] == [("coco", 2, ["cider"])]
+    assert "| coco | cider |" in (tmp_path / "coco_report" / "report.md").read_text()
+    vqa = ["--annotations", str(coco / "annotations.json"), "--images", str(coco / "val2014"), *common]
+    assert main(["eval", "--benchmark", "vqav2", "--questions", str(coco / "questions.json"), "--limit", "1",
+                 "--out", str(tmp_path / "vqa_report"), *vqa]) == 0
+    (result,) = json.loads((tmp_path / "vqa_report" / "results.json").read_text())["results"].values()
+    assert [(t["task"], t["count"], list(t["metrics"])) for t in result["tasks"]] == [("vqav2", 1, ["accuracy"])]
+    assert result["settings"]["benchmark"] == "vqav2" and result["settings"]["num_inference_steps"] == 2
+    with pytest.raises(SystemExit, match="vqav2 needs its questions file"):
+        main(["eval", "--benchmark", "vqav2", "--out", "o", *vqa])
+    with pytest.raises(SystemExit, match="either --eval-dir"):
+        main(["eval", "--checkpoint", str(run_dir), "--out", "o"])
+
+
+def test_eval_options_left_out_take_the_evaluation_defaults():
+    args = build_parser().parse_args(["eval", "--checkpoint", "c", "--out", "o", "--eval-dir", "e"])
+    from pipelines.cli import evaluation_config
+
+    assert evaluation_config(args) == EvaluationConfig()
+    args = build_parser().parse_args(["eval", "--checkpoint", "c", "--out", "o", "--eval-dir", "e", "--steps", "3",
+                                      "--tasks", "vqa"])
+    assert evaluation_config(args) == EvaluationConfig(num_inference_steps=3, tasks=("vqa",))
 
 
 def test_cli_errors_name_the_bad_input(run_dir, tmp_path):

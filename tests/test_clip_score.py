@@ -6,13 +6,11 @@ import open_clip
 import pytest
 import torch
 
-from pipelines.clip_score import (
-    ClipScorer, ScorerTraining, evaluate_scorer, roc_auc, score_documents, scores_mapping, tiny_clip_config,
-    train_world_scorer,
-)
-from pipelines.filtering import FilterConfig, FilterReport, filter_documents
+from pipelines.data.clip_score import ClipScorer, score_documents, scores_mapping
+from pipelines.data.filtering import FilterConfig, FilterReport, filter_documents
+from pipelines.sample_world.documents import world_documents, world_images, world_truth
 from pipelines.sample_world.world import WorldConfig, generate_world
-from pipelines.world_data import world_documents, world_images, world_truth
+from pipelines.training.clip_scorer import ScorerTraining, evaluate_scorer, roc_auc, tiny_clip_config, train_world_scorer
 
 TRAINING = ScorerTraining(steps=300, batch_size=96, image_size=48, context_length=48)
 

@@ -9,10 +9,12 @@ import dagster as dg
 import pytest
 import yaml
 
+from assets.io_manager import ManifestIOManager
+from assets.resources import Storage
 from orchestration.definitions import defs
-from orchestration.io_managers import ManifestIOManager
 from orchestration.jobs import PRESETS_DIR, preset_run_config
-from orchestration.resources import Storage
+from pipelines.data.layout import DataLayout
+from pipelines.data.raw_documents import RawShard
 
 ROOT = Path(__file__).parents[1]
 
@@ -25,25 +27,28 @@ def test_workspace_points_at_the_definitions():
 
 
 def test_definitions_load():
-    assert isinstance(defs, dg.Definitions)
-    dg.Definitions.validate_loadable(defs)
-    graph = defs.resolve_asset_graph()
+    loaded = defs()
+    assert isinstance(loaded, dg.Definitions)
+    dg.Definitions.validate_loadable(loaded)
+    graph = loaded.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
                     "filtered_documents", "captioner", "recaptions", "tokenizer", "packed_sequences", "checkpoint",
-                    "evaluation_report", "mmfs_ablation_report"}
+                    "evaluation_report", "ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
     assert {c.name for c in graph.asset_check_keys} >= {"downloaded_images_shard_integrity",
                                                         "packed_sequences_shard_integrity",
                                                         "evaluation_report_beats_untrained"}
 
     def job_assets(name: str) -> set[str]:
-        return {k.to_user_string() for k in defs.resolve_job_def(name).asset_layer.executable_asset_keys}
+        return {k.to_user_string() for k in loaded.resolve_job_def(name).asset_layer.executable_asset_keys}
 
     data = {"raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
             "recaptions", "tokenizer", "packed_sequences"}
     assert job_assets("sample_world_data") == data
     assert job_assets("sample_world_main") == data | {"checkpoint", "evaluation_report"}
-    assert job_assets("mmfs_ablation") == {"mmfs_ablation_report"}
+    assert job_assets("mmfs_ablation") == {"ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
+    assert loaded.resolve_job_def("mmfs_ablation").partitions_def.get_partition_keys() == [
+        "32_tokens_mmfs", "32_tokens_no_mmfs", "256_tokens_no_mmfs"]
     assert job_assets("ingest") == {"raw_documents", "downloaded_images"}
     assert job_assets("refilter") == {"filtered_documents", "packed_sequences"}  # recaptions come before filtering
 
@@ -52,8 +57,8 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
     env = {**os.environ, "WEFT_PRESET": "real_data", "WEFT_DATA_ROOT": str(tmp_path), "WEFT_RAW_DIR": str(tmp_path),
            "WEFT_TOKENIZER_DIR": str(tmp_path), "WEFT_CLIP_CHECKPOINT": str(tmp_path / "clip.pt"),
            "WEFT_BLIP2_DIR": str(tmp_path / "blip2")}
-    code = ("import dagster as dg; from orchestration.definitions import defs; dg.Definitions.validate_loadable(defs);"
-            "print(sorted(k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()))")
+    code = ("import dagster as dg; from orchestration.definitions import defs; d = defs(); dg.Definitions.validate_loadable(d);"
+            "print(sorted(k.to_user_string() for k in d.resolve_asset_graph().get_all_asset_keys()))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout
     assert "sample_world" not in out and "evaluation_report" not in out
@@ -70,32 +75,52 @@ def test_run_config_presets_validate_against_the_jobs(preset):
         ops += ("evaluation_report",)
     config = preset_run_config(preset, ops)
     assert set(config["ops"]) == set(ops)
-    assert config["ops"]["packed_sequences"]["config"]["pair_caption"] == "blip2"
-    assert config["ops"]["filtered_documents"]["config"]["pair_caption"] == "blip2"  # judged by what it is trained on
-    job = defs.resolve_job_def("sample_world_main")
-    assert job.run_config_schema.config_type is not None
-    from dagster._config import process_config
-
-    assert process_config(job.run_config_schema.config_type, config).success
+    assert config["ops"]["recaptions"]["config"]["sources"] == ["cc12m"]  # filtered and trained on their recaption
+    loaded = defs()
+    assert dg.validate_run_config(loaded.resolve_job_def("sample_world_main"), config)
     assert (PRESETS_DIR / f"{preset}.yaml").is_file()
 
 
+def test_ablation_preset_validates_against_its_job():
+    with open(PRESETS_DIR / "ablation.yaml") as f:
+        config = yaml.safe_load(f)
+    assert set(config["ops"]) == {"ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
+    assert dg.validate_run_config(defs().resolve_job_def("mmfs_ablation"), config)
+
+
+def test_a_pair_caption_setting_no_longer_exists_to_disagree_with_another():
+    """One setting (recaptions' sources) decides a pair's text for filtering and packing alike: the run config that
+    used to set filtering and packing apart is refused before a run starts."""
+    config = preset_run_config("sample_world", ("filtered_documents", "packed_sequences"))
+    config["ops"]["filtered_documents"]["config"]["pair_caption"] = "original"
+    with pytest.raises(dg.DagsterInvalidConfigError, match="pair_caption"):
+        dg.validate_run_config(defs().resolve_job_def("refilter"), config)
+
+
 def test_storage_refuses_urls_the_stages_cannot_write(tmp_path):
-    assert Storage(root=f"file://{tmp_path}").root_path == tmp_path
+    assert Storage(root=f"file://{tmp_path}").layout == DataLayout(tmp_path, tmp_path / "raw")
     with pytest.raises(ValueError, match="mount object storage"):
-        Storage(root="s3://bucket/weft").root_path
+        Storage(root="s3://bucket/weft").layout
     with pytest.raises(ValueError, match="<source>/<file>"):
-        Storage(root=str(tmp_path)).raw_file("../etc/passwd")
+        Storage(root=str(tmp_path)).layout.raw_file("../etc/passwd")
 
 
-def test_manifest_io_manager_refuses_a_partitioned_output_without_its_keys(tmp_path):
+def test_manifest_io_manager_round_trips_typed_manifests_and_refuses_a_partitioned_output_without_its_keys(tmp_path):
     manager = ManifestIOManager(storage=Storage(root=str(tmp_path)))
     partitions = dg.StaticPartitionsDefinition(["a", "b"])
-    context = dg.build_output_context(asset_key=dg.AssetKey("x"), partition_key="a",
-                                      asset_partitions_def=partitions)
+    manifests = dg.DagsterType(type_check_fn=lambda _, value: isinstance(value, dict), name="RawShards",
+                               typing_type=dict[str, RawShard])
+    context = dg.build_output_context(asset_key=dg.AssetKey("x"), partition_key="a", asset_partitions_def=partitions,
+                                      dagster_type=manifests)
+    shard = RawShard(path="a.parquet", source_file="a.tsv", source_sha256="0" * 64, documents=3, bad_records=1,
+                     images=3, kinds={"pair": 3})
     with pytest.raises(TypeError, match="partition_key"):
-        manager.handle_output(context, {"b": {}})
-    manager.handle_output(context, {"a": {"n": 1}})
+        manager.handle_output(context, {"b": shard})
+    manager.handle_output(context, {"a": shard})
     loaded = manager.load_input(dg.build_input_context(asset_key=dg.AssetKey("x"), partition_key="a",
-                                                       asset_partitions_def=partitions))
-    assert loaded == {"a": {"n": 1}}
+                                                       asset_partitions_def=partitions, dagster_type=manifests))
+    assert loaded == {"a": shard} and isinstance(loaded["a"], RawShard)
+    (tmp_path / "_manifests" / "x" / "a.json").write_text('{"path": "a.parquet"}')
+    with pytest.raises(ValueError, match="a.json does not hold"):
+        manager.load_input(dg.build_input_context(asset_key=dg.AssetKey("x"), partition_key="a",
+                                                  asset_partitions_def=partitions, dagster_type=manifests))

@@ -10,16 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.documents import make_pair, read_documents
-from pipelines.download import (
+from pipelines.data.documents import make_pair, read_documents
+from pipelines.data.download import (
     DedupIndex, DownloadConfig, dedup_documents, download_documents, download_urls, is_retryable,
     _terminable_workers,
 )
-from pipelines.errors import reraise
-from pipelines.hosts import HostPolicy
-from pipelines.image_server import FaultConfig, ImageServer
-from pipelines.readers import read_source
+from pipelines.data.errors import reraise
+from pipelines.data.hosts import HostPolicy
+from pipelines.data.readers import read_source
 from pipelines.sample_world.formats import write_metadata
+from pipelines.sample_world.image_server import FaultConfig, ImageServer
 from pipelines.sample_world.parse import parse_image
 from pipelines.sample_world.world import WorldConfig, generate_world
 

@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 
 from pipelines.evaluation.benchmarks import (
+    BenchmarkFiles,
     evaluate_captioning,
     evaluate_vqa,
+    read_benchmark,
     read_karpathy_coco,
     read_textvqa,
     read_vqa,
@@ -95,3 +97,21 @@ def _karpathy(tmp_path):
     path = tmp_path / "k.json"
     path.write_text(json.dumps({"images": [{"filename": "nope.jpg", "split": "test", "sentences": [{"raw": "x"}]}]}))
     return path
+
+
+def test_benchmark_files_pick_their_reader_and_name_what_is_missing(coco, tmp_path):
+    okvqa = BenchmarkFiles("okvqa", coco / "annotations.json", coco / "val2014", questions=coco / "questions.json")
+    assert [i.question_id for i in read_benchmark(okvqa)] == ["10", "20"]
+    coco_files = BenchmarkFiles("coco", coco / "dataset_coco.json", coco)
+    assert [i.image_id for i in read_benchmark(coco_files)] == ["1", "2"]
+    (tmp_path / "textvqa.json").write_text(json.dumps({"data": [
+        {"question_id": 5, "image_id": "abc", "question": "what does it say?", "answers": ["stop"] * 10}]}))
+    (tmp_path / "images").mkdir()
+    (item,) = read_benchmark(BenchmarkFiles("textvqa", tmp_path / "textvqa.json", tmp_path / "images"))
+    assert item.answers == ("stop",) * 10
+    with pytest.raises(ValueError, match="unknown benchmark 'gqa'"):
+        BenchmarkFiles("gqa", coco / "annotations.json", coco)
+    with pytest.raises(FileNotFoundError, match="okvqa: .*missing.json is not a file"):
+        BenchmarkFiles("okvqa", coco / "missing.json", coco, questions=coco / "questions.json")
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        BenchmarkFiles("coco", coco / "dataset_coco.json", coco / "nowhere")

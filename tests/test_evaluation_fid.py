@@ -5,8 +5,9 @@ import pytest
 import torch
 from scipy import linalg
 
-from pipelines.clip_score import ClipScorer, tiny_clip_config
+from pipelines.data.clip_score import ClipScorer
 from pipelines.evaluation.fid import ClipFeatures, InceptionFeatures, fid, frechet_distance
+from pipelines.training.clip_scorer import tiny_clip_config
 
 
 def scipy_frechet(mu1, s1, mu2, s2):

@@ -11,14 +11,17 @@ from PIL import Image
 
 from model.config import MMInterleavedConfig
 from model.mm_interleaved import MMInterleaved
-from pipelines.clip_score import ClipScorer, tiny_clip_config
+from pipelines.data.clip_score import ClipScorer
+from pipelines.data.tokenizer import train_tokenizer
 from pipelines.evaluation.clip_similarity import clip_score
-from pipelines.evaluation.report import git_commit, inline_images, write_report
-from pipelines.evaluation.run import evaluate_checkpoint, world_image_loader, written_world_config
+from pipelines.evaluation.report import inline_images, write_report
+from pipelines.evaluation.run import EvaluationConfig, evaluate_checkpoint, world_image_loader, written_world_config
 from pipelines.evaluation.sample_world_tasks import TASKS
+from pipelines.lineage import git_commit
 from pipelines.sample_world import WorldConfig, generate_world, render, write_metadata
+from pipelines.sample_world.documents import world_texts
 from pipelines.sample_world.formats import WORLD_CONFIG_FILE
-from pipelines.tokenizer import train_tokenizer, world_texts
+from pipelines.training.clip_scorer import tiny_clip_config
 
 WORLD = WorldConfig(seed=3, n_pairs=4, n_stories=2, n_eval=2)
 
@@ -39,8 +42,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(setup):
     root, scorer = setup
-    return evaluate_checkpoint(root / "model", root / "raw" / "eval", limit=1, num_inference_steps=2, max_new_tokens=4,
-                               world=WORLD, clip_scorer=scorer, progress=False)
+    return evaluate_checkpoint(root / "model", root / "raw" / "eval", EvaluationConfig(limit=1, num_inference_steps=2,
+                               max_new_tokens=4), world=WORLD, clip_scorer=scorer, progress=False)
 
 
 def test_every_task_is_scored_with_a_labelled_clip_score(result):
@@ -57,8 +60,8 @@ def test_every_task_is_scored_with_a_labelled_clip_score(result):
 
 def test_sampling_is_seeded(setup, result):
     root, _ = setup
-    again = evaluate_checkpoint(root / "model", root / "raw" / "eval", tasks=["text_to_image"], limit=1,
-                                num_inference_steps=2, max_new_tokens=4, progress=False)
+    again = evaluate_checkpoint(root / "model", root / "raw" / "eval", EvaluationConfig(
+        tasks=("text_to_image",), limit=1, num_inference_steps=2, max_new_tokens=4), progress=False)
     first = next(t for t in result.tasks if t.task == "text_to_image").examples[0]["images"][0]
     assert again.tasks[0].examples[0]["images"][0].tobytes() == first.tobytes()
 
@@ -69,7 +72,7 @@ def test_image_tasks_need_the_world_that_wrote_the_eval_files(setup, tmp_path):
     bare = shutil.copytree(root / "raw" / "eval", tmp_path / "eval")
     (bare / WORLD_CONFIG_FILE).unlink()
     with pytest.raises(ValueError, match="need the world's images"):
-        evaluate_checkpoint(root / "model", bare, tasks=["captioning"], limit=1, progress=False)
+        evaluate_checkpoint(root / "model", bare, EvaluationConfig(tasks=("captioning",), limit=1), progress=False)
     with pytest.raises(ValueError, match="was not written by the sample world"):
         world_image_loader(WorldConfig(seed=4, n_pairs=4, n_stories=2, n_eval=2), root / "raw" / "eval")
     image = world_image_loader(WORLD, root / "raw" / "eval")("e00000")
@@ -112,25 +115,3 @@ def test_report_compares_results_and_is_replaced_atomically(result, tmp_path):
 def test_git_commit_tolerates_a_folder_outside_git(tmp_path):
     assert git_commit(tmp_path) == "not a git repo"
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|not a git repo", git_commit(Path(__file__).parent))
-
-
-@pytest.mark.slow
-def test_ablation_trains_and_evaluates_every_variant_into_one_report(setup, tmp_path):
-    from pipelines.evaluation.ablation import PAPER_VARIANTS, AblationTraining, run_ablation
-    from pipelines.tokenizer import save_tokenizer
-    from pipelines.world_data import world_documents, world_images
-
-    root, scorer = setup
-    world = generate_world(WORLD)
-    save_tokenizer(train_tokenizer(world_texts(world)), tmp_path / "tokenizer")
-    manifest = {"path": str(tmp_path / "tokenizer"), "source": {"boi_token": "<BoI>", "image_token": "<image>"}}
-    result = run_ablation(world_documents(world), world_images(world), manifest, root / "raw" / "eval", tmp_path / "ablation",
-                          world=WORLD, training=AblationTraining(max_steps=2, warmup_steps=0, max_length=320, vae_steps=2),
-                          evaluation={"tasks": ["captioning", "text_to_image"], "limit": 1, "num_inference_steps": 2,
-                                      "max_new_tokens": 4, "progress": False}, clip_scorer=scorer, log=lambda _: None)
-    assert list(result.results) == [v.name for v in PAPER_VARIANTS]
-    assert all(r.step == 2 for r in result.results.values())
-    text = (result.report / "report.md").read_text()
-    assert all(v.name in text for v in PAPER_VARIANTS) and (result.report / "loss.png").is_file()
-    assert json.loads((result.report / "results.json").read_text())["lineage"]["variants"]["256 tokens, no MMFS"] == {
-        "num_visual_tokens": 256, "mmfs": False}

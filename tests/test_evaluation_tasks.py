@@ -66,7 +66,7 @@ def test_captioning_scores_reference_captions_perfectly(world_dir):
 def test_every_task_runs_on_the_tiny_model(world_dir):
     from model.config import MMInterleavedConfig
     from model.mm_interleaved import MMInterleaved
-    from model.tiny import tiny_tokenizer
+    from tiny_inputs import tiny_tokenizer
 
     torch.manual_seed(0)
     model = MMInterleaved.from_config(MMInterleavedConfig.tiny(), tokenizer=tiny_tokenizer()).eval()

@@ -1,7 +1,7 @@
-from pipelines.documents import image_element, make_document, text_element
-from pipelines.filtering import FilterConfig, FilterReport, filter_documents, hash_fraction
+from pipelines.data.documents import image_element, make_document, text_element
+from pipelines.data.filtering import FilterConfig, FilterReport, filter_documents, hash_fraction
+from pipelines.sample_world.documents import world_documents, world_truth
 from pipelines.sample_world.world import WorldConfig, generate_world
-from pipelines.world_data import world_documents, world_truth
 
 
 def _doc(doc_id, sims, statuses=None):

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from pipelines.image_server import FAULTS, FaultConfig, ImageServer
+from pipelines.sample_world.image_server import FAULTS, FaultConfig, ImageServer
 
 ROUTES = {f"/images/{i}.jpg": bytes([i % 256]) * (200 + i) for i in range(400)}
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from model.batch import ImageLayout
-from pipelines.loader import collate_sequences, make_loader, sequence_dataset
-from pipelines.packing import PackingConfig, pack_documents
+from pipelines.data.loader import collate_sequences, make_loader, sequence_dataset
+from pipelines.data.packing import PackingConfig, pack_documents
+from pipelines.data.shards import write_shards
+from pipelines.data.tokenizer import token_ids, train_tokenizer
+from pipelines.sample_world.documents import world_documents, world_images, world_texts
 from pipelines.sample_world.world import WorldConfig, generate_world
-from pipelines.shards import write_shards
-from pipelines.tokenizer import token_ids, train_tokenizer, world_texts
-from pipelines.world_data import world_documents, world_images
 
 N_IMAGE_TOKENS = 8
 IMAGE_SIZE = (32, 32)

@@ -74,7 +74,7 @@ def test_fit_vae_learns_to_reconstruct_and_scales_latents_to_unit_variance(confi
     from diffusers import AutoencoderKL
 
     from model.image_decoder import fit_vae
-    from model.tiny import square_image
+    from tiny_inputs import square_image
 
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(config.decoder.vae_config).requires_grad_(False)

@@ -6,7 +6,7 @@ import torch
 from model.config import MMInterleavedConfig
 from model.language import document_causal_mask, positions_in_document
 from model.mm_interleaved import MMInterleaved, _GenerationState
-from model.tiny import square_image, tiny_batch, tiny_tokenizer
+from tiny_inputs import square_image, tiny_batch, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

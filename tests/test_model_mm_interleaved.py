@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from model.batch import InterleavedBatch, document_ids_from_cu_seqlens
 from model.config import MMInterleavedConfig
 from model.mm_interleaved import MMInterleaved
-from model.tiny import tiny_batch, tiny_tokenizer
+from tiny_inputs import tiny_batch, tiny_tokenizer
 
 
 def build(seed=0, **tiny):

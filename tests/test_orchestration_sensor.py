@@ -5,15 +5,16 @@ import shutil
 import dagster as dg
 import pytest
 
+from assets.resources import SampleWorld, Storage
 from orchestration.jobs import raw_shard_sensor
-from orchestration.resources import SAMPLE_WORLD_BASE_URL, SampleWorld, Storage
 from pipelines.sample_world import write_metadata
+from pipelines.sample_world.images import METADATA_BASE_URL
 
 
 @pytest.fixture
 def metadata(tmp_path):
     world = SampleWorld(n_pairs=4, n_stories=2, n_eval=1, docs_per_shard=1)
-    return write_metadata(world.generate(), tmp_path / "release", SAMPLE_WORLD_BASE_URL, docs_per_shard=1)
+    return write_metadata(world.generate(), tmp_path / "release", METADATA_BASE_URL, docs_per_shard=1)
 
 
 def _evaluate(instance, storage):
@@ -51,6 +52,6 @@ def test_sensor_run_targets_the_ingest_job_for_one_partition():
     assert raw_shard_sensor.job_name == "ingest"
     from orchestration.definitions import defs
 
-    job = defs.resolve_job_def("ingest")
+    job = defs().resolve_job_def("ingest")
     assert job.partitions_def.name == "source_shards"
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"raw_documents", "downloaded_images"}

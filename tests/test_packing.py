@@ -6,12 +6,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.documents import image_element, make_document, text_element
-from pipelines.errors import BadRecordLog
-from pipelines.packing import PackingConfig, PackingStats, pack_documents, pack_tokenized, tokenize_documents, unpack
+from pipelines.data.documents import image_element, make_document, text_element
+from pipelines.data.errors import BadRecordLog
+from pipelines.data.packing import PackingConfig, PackingStats, pack_documents, pack_tokenized, tokenize_documents, unpack
+from pipelines.data.tokenizer import token_ids, train_tokenizer
+from pipelines.sample_world.documents import world_documents, world_images, world_texts
 from pipelines.sample_world.world import WorldConfig, generate_world
-from pipelines.tokenizer import token_ids, train_tokenizer, world_texts
-from pipelines.world_data import world_documents, world_images
 
 WORDS = "a the red blue green small large circle square triangle moves turns to at left right top bottom center digit".split()
 
@@ -225,7 +225,5 @@ def test_image_token_names_come_from_the_caller():
 def test_config_is_checked():
     with pytest.raises(ValueError):
         PackingConfig(max_length=10, num_image_tokens=64)
-    with pytest.raises(ValueError):
-        PackingConfig(pair_caption="other")
     with pytest.raises(ValueError, match="max_images_per_sequence"):
         PackingConfig(max_images_per_sequence=0)

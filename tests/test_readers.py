@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.documents import image_elements, read_documents, write_documents
-from pipelines.errors import BadRecordError, BadRecordLog, reraise
-from pipelines.readers import read_cc12m_tsv, read_mmc4, read_pairs_parquet, read_source
+from pipelines.data.documents import image_elements, read_documents, write_documents
+from pipelines.data.errors import BadRecordError, BadRecordLog, reraise
+from pipelines.data.readers import read_cc12m_tsv, read_mmc4, read_pairs_parquet, read_source
 
 
 def mmc4_doc(i, n_images=2):

@@ -8,18 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.errors import BadRecordError, BadRecordLog, reraise
-from pipelines.packing import PackingConfig, tokenize_documents
-from pipelines.recaption import (
-    CAPTION_FIELD, Captioner, CaptionerTraining, caption_facts, caption_scores, captioner_training_world,
-    evaluate_recaptioning, model_digest, normalize_caption, recaption_documents, recaptions_mapping, tiny_captioner,
-    train_world_captioner,
-)
+from pipelines.compute import cpu_threads
+from pipelines.data.errors import BadRecordError, BadRecordLog, reraise
+from pipelines.data.packing import PackingConfig, tokenize_documents
+from pipelines.data.recaption import CAPTION_FIELD, Captioner, model_digest, recaption_documents, recaptions_mapping
+from pipelines.data.tokenizer import train_tokenizer
 from pipelines.sample_world import WorldConfig, caption, generate_world
+from pipelines.sample_world.captions import caption_facts, caption_scores, normalize_caption
+from pipelines.sample_world.documents import world_documents, world_images, world_texts
 from pipelines.sample_world.scenes import COLOURS
-from pipelines.tokenizer import train_tokenizer, world_texts
-from pipelines.torch_threads import cpu_threads
-from pipelines.world_data import world_documents, world_images
+from pipelines.training.captioner import CaptionerTraining, captioner_training_world, evaluate_recaptioning, tiny_captioner, train_world_captioner
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +53,9 @@ def test_tiny_random_blip2_from_disk_recaptions_pairs(world, tmp_path):
     with pytest.raises(BadRecordError, match=bad_key):
         list(recaption_documents(documents, loaded, images, handler=reraise))
 
-    # packing consumes the mapping: with pair_caption="blip2" a pair's text is its recaption
+    # packing consumes the mapping: a pair found in it is packed with its recaption
     recaptions = recaptions_mapping(rows)
-    config = PackingConfig(pair_caption="blip2", num_image_tokens=4)
+    config = PackingConfig(num_image_tokens=4)
     tokenized = {d.doc_id: d for d in tokenize_documents(pairs, tokenizer, config, images=images,
                                                          recaptions=recaptions, handler=BadRecordLog())}
     for doc_id, text in recaptions.items():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.errors import BadRecordLog, reraise
-from pipelines.readers import read_source
+from pipelines.data.errors import BadRecordLog, reraise
+from pipelines.data.readers import read_source
 from pipelines.sample_world.formats import write_metadata
 from pipelines.sample_world.parse import parse_image
 from pipelines.sample_world.scenes import COLOURS, Scene, random_scene, render, render_segmentation

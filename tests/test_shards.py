@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipelines.shards import read_index, shard_keys, verify_shards, write_shards
+from pipelines.data.shards import read_index, verify_shards, write_shards
+from pipelines.files import tar_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
 WRITER = """
 import sys, time
 import numpy as np
-from pipelines.shards import write_shards
+from pipelines.data.shards import write_shards
 
 out, n, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 
@@ -36,7 +37,7 @@ def _run_writer(out, n, delay):
 
 def _all_keys(out):
     index = read_index(out)
-    return [k for shard in index.shards for k in shard_keys(out / shard.name)]
+    return [k for shard in index.shards for k in tar_keys(out / shard.name)]
 
 
 def test_kill_mid_shard_then_resume_gives_every_sample_once(tmp_path):

@@ -2,9 +2,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from model.config import MMInterleavedConfig
-from model.tokenizer import train_bpe_tokenizer
+from pipelines.data.tokenizer import load_tokenizer, token_ids, train_bpe_tokenizer, train_tokenizer
+from pipelines.sample_world.documents import world_texts
 from pipelines.sample_world.world import WorldConfig, generate_world
-from pipelines.tokenizer import load_tokenizer, token_ids, train_tokenizer, world_texts
 
 
 def test_world_tokenizer_round_trip(tmp_path):
@@ -38,7 +38,7 @@ def test_token_ids_refuses_tokenizer_without_image_tokens():
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pipelines.tokenizer import TextEncoder  # noqa: E402
+from pipelines.data.tokenizer import TextEncoder  # noqa: E402
 
 
 def _world_tokenizer():
@@ -96,7 +96,7 @@ def test_joined_pre_tokenization_matches_the_byte_level_pre_tokenizer_per_text(t
     the vocabulary, so a tokenizer without merges over whitespace cannot hide a difference)."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from pipelines.tokenizer import _ASCII_BYTE_LEVEL, _TEXT_END
+    from pipelines.data.tokenizer import _ASCII_BYTE_LEVEL, _TEXT_END
 
     def byte_level(word):  # GPT-2's byte-to-unicode map on plain ASCII: controls and space move up by 256
         return "".join(chr(ord(c) + 256) if ord(c) <= 32 else c for c in word)
@@ -112,3 +112,18 @@ def test_joined_pre_tokenization_matches_the_byte_level_pre_tokenizer_per_text(t
     per_text.append(current)
     reference = ByteLevel(add_prefix_space=False, use_regex=True)
     assert per_text == [[w for w, _ in reference.pre_tokenize_str(t)] for t in texts]
+
+
+def test_text_encoder_says_when_a_shortcut_does_not_reproduce_the_tokenizer():
+    """A Metaspace pre-tokenizer that marks only a text's first word (``prepend_scheme="first"``) cannot be encoded
+    joined: the encoder falls back to one text at a time, and says so instead of falling back silently."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = world_texts(generate_world(WorldConfig(seed=5, n_pairs=20, n_stories=4)))
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    with pytest.warns(RuntimeWarning, match="'joined' shortcut does not reproduce this tokenizer"):
+        encoder = TextEncoder(backend, backend.token_to_id("</s>"))
+    assert encoder.mode == "separate"
+    assert encoder(texts[:5]) == [backend.encode(t, add_special_tokens=False).ids for t in texts[:5]]

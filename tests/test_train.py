@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import latest_checkpoint
-from model.schedule import lr_factor
-from model.train import TrainConfig, build_model, train
 from pipelines.sample_world.world import WorldConfig
+from pipelines.training.schedule import lr_factor
+from pipelines.training.train import TrainConfig, build_model, train
 from world_shards import write_world_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_killed_run_resumes_to_the_same_parameters(data, tmp_path):
 
     config = _config(data, tmp_path / "killed")
     (tmp_path / "cfg.json").write_text(json.dumps(config.to_dict()))
-    process = subprocess.Popen([str(PYTHON), "-m", "model.train", "--config", str(tmp_path / "cfg.json")], cwd=ROOT,
+    process = subprocess.Popen([str(PYTHON), "-m", "pipelines.training.train", "--config", str(tmp_path / "cfg.json")], cwd=ROOT,
                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -139,7 +139,7 @@ def test_two_cpu_processes_zero2_then_resume_in_one(data, tmp_path):
     config = _config(data, tmp_path / "run", max_steps=4)
     (tmp_path / "cfg.json").write_text(json.dumps(config.to_dict()))
     torchrun = PYTHON.parent / "torchrun"
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "model.train", "--config",
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipelines.training.train", "--config",
                str(tmp_path / "cfg.json")]
     done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

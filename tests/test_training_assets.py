@@ -8,52 +8,53 @@ import pytest
 
 from assets.clip import clip_scorer
 from assets.evaluation import EvaluationSettings, evaluation_report, evaluation_report_beats_untrained
-from assets.metadata import data_version
 from assets.packing import tokenizer
+from assets.resources import SampleWorld, SampleWorldClipScorer, Storage
 from assets.sample_world import sample_world
 from assets.training import TrainingSettings, checkpoint
-from orchestration.io_managers import ManifestIOManager
-from orchestration.resources import SampleWorld, SampleWorldClipScorer, SampleWorldTokenizer, Storage
-from pipelines.packing import PackingConfig, pack_documents
-from pipelines.sample_world import WorldConfig, generate_world
-from pipelines.shards import write_shards
-from pipelines.tokenizer import load_tokenizer
-from pipelines.world_data import world_documents, world_images
+from orchestration.definitions import sample_world_resources
+from pipelines.data.packed_sequences import PackedSequences
+from pipelines.data.packing import PackingConfig, PackingStats, pack_documents
+from pipelines.data.shards import write_shards
+from pipelines.data.tokenizer import TokenizerManifest
+from pipelines.evaluation.evaluation_report import EvaluationReport, TRAINED, UNTRAINED
+from pipelines.evaluation.run import EvaluationConfig
+from pipelines.files import fingerprint
+from pipelines.sample_world import generate_world
+from pipelines.sample_world.documents import world_documents, world_images
+from pipelines.sample_world.publish import PublishedWorld
 
 PACKING = PackingConfig(max_length=160, num_image_tokens=8, seed=0)
 
 
 @dg.asset(name="packed_sequences", group_name="packing")
-def world_packed_sequences(storage: Storage, tokenizer: dict, sample_world: dict) -> dict:
+def world_packed_sequences(storage: Storage, tokenizer: TokenizerManifest, sample_world: PublishedWorld) -> PackedSequences:
     """Stand-in for the download -> filter -> pack chain: the world's documents packed the same way."""
-    world = generate_world(WorldConfig(**{k: v for k, v in sample_world["config"].items()
-                                          if k not in ("docs_per_shard", "rows_per_shard")}))
-    text_tokenizer = load_tokenizer(tokenizer["path"], boi_token="<BoI>", image_token="<image>")
+    world = generate_world(sample_world.world)
     thresholds = {"world": {"min_similarity": 0.1, "max_images_per_document": 6}}
     meta = {"packing": PACKING.to_dict(), "filter_thresholds": thresholds}
-    out = storage.path("packed_sequences", data_version(meta).value)
-    sequences = pack_documents(world_documents(world), text_tokenizer, PACKING, images=world_images(world))
+    out = storage.layout.path("packed_sequences", fingerprint(meta))
+    stats = PackingStats()
+    sequences = pack_documents(world_documents(world), tokenizer.load(), PACKING, images=world_images(world), stats=stats)
     index = write_shards((s.to_sample(f"{i:09d}") for i, s in enumerate(sequences)), out, maxcount=8, prefix="seq", meta=meta)
-    return {"path": str(out), "urls": index.urls(out), "samples": index.samples, "meta": meta}
+    return PackedSequences(str(out), index.urls(out), index.samples, index.bytes, PACKING, tokenizer.token_ids,
+                           index.meta, stats)
 
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     root = tmp_path_factory.mktemp("graph")
     world = SampleWorld(n_pairs=8, n_stories=3, n_eval=2)
-    storage = Storage(root=str(root))
     resources = {
-        "storage": storage,
-        "world": world,
-        "tokenizer_source": SampleWorldTokenizer(world=world),
-        "clip_scorer_source": SampleWorldClipScorer(world=world, steps=2, batch_size=8, training_pairs=8,
-                                                    training_stories=4),
-        "io_manager": ManifestIOManager(storage=storage),
+        **sample_world_resources(str(root), world),
+        "clip_scorer_source": SampleWorldClipScorer(world=world, training={"steps": 2, "batch_size": 8},
+                                                    training_pairs=8, training_stories=4),
     }
     assets = [sample_world, tokenizer, clip_scorer, world_packed_sequences, checkpoint, evaluation_report,
               evaluation_report_beats_untrained]
     run_config = dg.RunConfig(ops={
-        "checkpoint": TrainingSettings(max_steps=2, warmup_steps=0, checkpoint_every=2, vae_steps=3),
+        "checkpoint": TrainingSettings(max_steps=2, warmup_steps=0, checkpoint_every=2, vae_steps=3, zero_stage=0,
+                                       lr=1e-3, decoder_lr=2e-3, shuffle_buffer=64),
         "evaluation_report": EvaluationSettings(limit=1, num_inference_steps=2, max_new_tokens=4),
     })
     with dg.instance_for_test() as instance:
@@ -65,10 +66,11 @@ def test_checkpoint_has_lineage_and_a_baseline(graph):
     root, result, *_ = graph
     assert result.success
     manifest = result.output_for_node("checkpoint")
-    assert manifest["step"] == 2 and Path(manifest["model_dir"], "config.json").is_file()
-    assert Path(manifest["untrained_model_dir"], "model.safetensors").is_file()
-    assert manifest["shards"]["data_version"] == Path(manifest["shards"]["path"]).name
-    assert manifest["filter_thresholds"] == {"world": {"min_similarity": 0.1, "max_images_per_document": 6}}
+    assert manifest.step == 2 and Path(manifest.model_dir, "config.json").is_file()
+    assert Path(manifest.untrained_model_dir, "model.safetensors").is_file()
+    assert manifest.shards.data_version == Path(manifest.shards.path).name
+    assert manifest.filter_thresholds == {"world": {"min_similarity": 0.1, "max_images_per_document": 6}}
+    assert manifest.packing == PACKING and manifest.train_config["max_steps"] == 2
     metadata = result.asset_materializations_for_node("checkpoint")[0].metadata
     assert metadata["step"].value == 2 and "data:image/png;base64," in metadata["loss_curve"].value
     assert isinstance(metadata["vae_final_loss"].value, float)
@@ -77,18 +79,42 @@ def test_checkpoint_has_lineage_and_a_baseline(graph):
 def test_report_compares_with_the_untrained_baseline(graph):
     root, result, *_ = graph
     manifest = result.output_for_node("evaluation_report")
-    assert set(manifest["scores"]) == {"trained", "untrained (step 0)"}
-    assert "clip_score" in manifest["scores"]["trained"]
-    text = Path(manifest["report"]).read_text()
+    assert set(manifest.scores) == {TRAINED, UNTRAINED}
+    assert "clip_score" in manifest.scores[TRAINED]
+    text = Path(manifest.report).read_text()
     checkpoint_manifest = result.output_for_node("checkpoint")
-    for needle in (checkpoint_manifest["shards"]["data_version"], checkpoint_manifest["model_config_hash"],
-                   checkpoint_manifest["git_commit"], "min_similarity", "sample_world_tiny_clip", "| text_to_image |"):
+    for needle in (checkpoint_manifest.shards.data_version, checkpoint_manifest.model_config_hash,
+                   checkpoint_manifest.git_commit, "min_similarity", "sample_world_tiny_clip", "| text_to_image |"):
         assert needle in text, needle
-    assert (Path(manifest["path"]) / "loss.png").is_file()
+    assert (Path(manifest.path) / "loss.png").is_file()
     metadata = result.asset_materializations_for_node("evaluation_report")[0].metadata
     assert "captioning/cider" in metadata and "untrained captioning/cider" in metadata
-    evaluations = result.get_asset_check_evaluations()
-    assert [e.check_name for e in evaluations] == ["evaluation_report_beats_untrained"]
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "evaluation_report_beats_untrained"
+    trained, untrained = manifest.scores[TRAINED], manifest.scores[UNTRAINED]
+    beats = (trained["captioning"]["cider"] > untrained["captioning"]["cider"]
+             and trained["text_to_image"]["attribute_accuracy"] > untrained["text_to_image"]["attribute_accuracy"])
+    assert evaluation.passed == beats  # two training steps decide nothing: the check reports what the scores say
+    assert f"trained {trained['captioning']['cider']:.3f}" in evaluation.metadata["scores"].value
+
+
+def _report(trained: dict, untrained: dict) -> EvaluationReport:
+    return EvaluationReport("r", "r/report.md", {TRAINED: trained, UNTRAINED: untrained}, "c", 500,
+                            "sample_world_tiny_clip", EvaluationConfig())
+
+
+@pytest.mark.parametrize(("trained", "untrained", "passed"), [
+    ({"captioning": {"cider": 0.9}, "text_to_image": {"attribute_accuracy": 0.1}},
+     {"captioning": {"cider": 0.0}, "text_to_image": {"attribute_accuracy": 0.0}}, True),
+    ({"captioning": {"cider": 0.9}, "text_to_image": {"attribute_accuracy": 0.0}},
+     {"captioning": {"cider": 0.0}, "text_to_image": {"attribute_accuracy": 0.0}}, False),  # a tie is no win
+    ({"captioning": {"cider": 0.0}, "text_to_image": {"attribute_accuracy": 0.5}},
+     {"captioning": {"cider": 0.1}, "text_to_image": {"attribute_accuracy": 0.0}}, False),
+    ({"vqa": {"accuracy": 1.0}}, {"vqa": {"accuracy": 0.0}}, False),  # nothing it compares on: no pass
+])
+def test_beats_untrained_check_passes_only_when_every_compared_score_is_higher(trained, untrained, passed):
+    result = evaluation_report_beats_untrained(evaluation_report=_report(trained, untrained))
+    assert result.passed is passed
 
 
 def test_materializing_the_checkpoint_again_resumes_without_new_steps(graph):
@@ -97,6 +123,6 @@ def test_materializing_the_checkpoint_again_resumes_without_new_steps(graph):
     again = dg.materialize(assets, selection=[checkpoint], resources=resources, run_config=only_checkpoint,
                            instance=instance)
     manifest = again.output_for_node("checkpoint")
-    assert manifest["checkpoint"] == first.output_for_node("checkpoint")["checkpoint"]
-    records = [json.loads(line) for line in Path(manifest["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    assert manifest.checkpoint == first.output_for_node("checkpoint").checkpoint
+    records = [json.loads(line) for line in Path(manifest.run_dir, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]

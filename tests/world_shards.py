@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from pipelines.packing import PackingConfig, pack_documents
+from pipelines.data.packing import PackingConfig, pack_documents
+from pipelines.data.shards import ShardIndex, write_shards
+from pipelines.data.tokenizer import train_tokenizer
+from pipelines.sample_world.documents import world_documents, world_images, world_texts
 from pipelines.sample_world.world import WorldConfig, generate_world
-from pipelines.shards import ShardIndex, write_shards
-from pipelines.tokenizer import train_tokenizer, world_texts
-from pipelines.world_data import world_documents, world_images
 
 
 def write_world_shards(out: Path, world: WorldConfig, maxcount: int) -> ShardIndex:

@@ -10,22 +10,32 @@
 
 Each reader yields small records with an image path; :func:`evaluate_captioning` and
 :func:`evaluate_vqa` run them through an interleaved generator and score them with
-:mod:`pipelines.evaluation.cider` and :mod:`pipelines.evaluation.vqa`.
+:mod:`pipelines.evaluation.cider` and :mod:`pipelines.evaluation.vqa`. :func:`evaluate_benchmark` runs one
+benchmark (:class:`BenchmarkFiles`) on a checkpoint: ``weft eval --benchmark coco|vqav2|okvqa|textvqa``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import torch
 from PIL import Image
 
+from pipelines.compute import Compute
 from pipelines.evaluation.cider import cider_d
+from pipelines.evaluation.run import EvaluationConfig, EvaluationResult, generation_arguments, load_for_evaluation
+from pipelines.evaluation.sample_world_tasks import TaskResult
 from pipelines.evaluation.vqa import mean_vqa_accuracy
 
 DEFAULT_VQA_PROMPT = "{question} Answer:"
+BENCHMARKS = ("coco", "vqav2", "okvqa", "textvqa")
+NUM_EXAMPLES = 4
+"""Generations kept per benchmark for the report's example grid."""
 
 
 @dataclass(frozen=True)
@@ -101,16 +111,26 @@ def _open(path: Path) -> Image.Image:
         raise FileNotFoundError(f"benchmark image missing: {path}") from error
 
 
+def _example(examples: list[dict[str, Any]], prompt: list, output: Any) -> None:
+    if len(examples) < NUM_EXAMPLES:
+        examples.append({"prompt": prompt, "text": output.text, "images": list(output.images)})
+
+
 def evaluate_captioning(
     generate: Callable[..., Any], items: Iterable[CaptionItem], **generation_kwargs: Any
 ) -> dict[str, Any]:
-    """CIDEr of ``generate([image]).text`` over the items; returns the score and the captions."""
-    candidates, references = {}, {}
+    """CIDEr of ``generate([image]).text`` over the items; returns the score, the captions and the first
+    few generations (``examples``)."""
+    candidates, references, examples = {}, {}, []
     for item in items:
-        candidates[item.image_id] = generate([_open(item.image_path)], **generation_kwargs).text
+        prompt = [_open(item.image_path)]
+        output = generate(prompt, **generation_kwargs)
+        candidates[item.image_id] = output.text
         references[item.image_id] = list(item.references)
+        _example(examples, prompt, output)
     score, per_item = cider_d(candidates, references)
-    return {"cider": score, "count": len(candidates), "captions": candidates, "per_item": per_item}
+    return {"cider": score, "count": len(candidates), "captions": candidates, "per_item": per_item,
+            "examples": examples}
 
 
 def evaluate_vqa(
@@ -119,10 +139,76 @@ def evaluate_vqa(
     prompt: str = DEFAULT_VQA_PROMPT,
     **generation_kwargs: Any,
 ) -> dict[str, Any]:
-    """VQA accuracy of ``generate([image, prompt.format(question=...)]).text`` over the items."""
-    predictions, humans, ids = [], [], []
+    """VQA accuracy of ``generate([image, prompt.format(question=...)]).text`` over the items (and the first few
+    generations, ``examples``)."""
+    predictions, humans, ids, examples = [], [], [], []
     for item in items:
-        predictions.append(generate([_open(item.image_path), prompt.format(question=item.question)], **generation_kwargs).text)
+        question = [_open(item.image_path), prompt.format(question=item.question)]
+        output = generate(question, **generation_kwargs)
+        predictions.append(output.text)
         humans.append(item.answers)
         ids.append(item.question_id)
-    return {"accuracy": mean_vqa_accuracy(predictions, humans), "count": len(ids), "answers": dict(zip(ids, predictions))}
+        _example(examples, question, output)
+    return {"accuracy": mean_vqa_accuracy(predictions, humans), "count": len(ids), "answers": dict(zip(ids, predictions)),
+            "examples": examples}
+
+
+@dataclass(frozen=True)
+class BenchmarkFiles:
+    """A real benchmark's files on local disk (official layouts, see the module docstring)."""
+
+    name: str
+    """One of :data:`BENCHMARKS`."""
+    annotations: Path
+    """``coco``: ``dataset_coco.json`` (Karpathy split); ``vqav2``/``okvqa``: the annotations file; ``textvqa``:
+    the TextVQA json."""
+    images: Path
+    """The image folder (``coco``: the folder holding each image's ``filepath``, e.g. ``val2014/``)."""
+    questions: Path | None = None
+    """``vqav2``/``okvqa``: the questions file."""
+    split: str = "test"
+    """``coco``: the Karpathy split."""
+    image_pattern: str = "COCO_val2014_{image_id:012d}.jpg"
+    """``vqav2``/``okvqa``: an image's file name under ``images``."""
+
+    def __post_init__(self) -> None:
+        if self.name not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {self.name!r}; expected one of {BENCHMARKS}")
+        if self.name in ("vqav2", "okvqa") and self.questions is None:
+            raise ValueError(f"{self.name} needs its questions file")
+        for path in (self.annotations, self.questions):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{self.name}: {path} is not a file")
+        if not Path(self.images).is_dir():
+            raise FileNotFoundError(f"{self.name}: image folder {self.images} does not exist")
+
+
+def read_benchmark(files: BenchmarkFiles) -> Iterator[CaptionItem] | Iterator[VQAItem]:
+    """The items of a benchmark: captions (``coco``) or questions with human answers."""
+    if files.name == "coco":
+        return read_karpathy_coco(files.annotations, files.images, files.split)
+    if files.name == "textvqa":
+        return read_textvqa(files.annotations, files.images)
+    return read_vqa(files.questions, files.annotations, files.images, files.image_pattern)
+
+
+def evaluate_benchmark(checkpoint: str | Path, files: BenchmarkFiles, config: EvaluationConfig = EvaluationConfig(),
+                       compute: Compute = Compute()) -> EvaluationResult:
+    """Run a real benchmark on a checkpoint (the first ``config.limit`` items) with ``config``'s sampling: CIDEr
+    for ``coco``, VQA accuracy for the others, as one task named after the benchmark."""
+    start = time.perf_counter()
+    with compute.threads():
+        model, model_dir, step = load_for_evaluation(checkpoint, compute)
+        sampling = generation_arguments(model.generate, num_inference_steps=config.num_inference_steps,
+                                        guidance_scale=config.guidance_scale, max_new_tokens=config.max_new_tokens)
+        generator = torch.Generator(device=compute.device).manual_seed(config.seed)
+        items = itertools.islice(read_benchmark(files), config.limit)
+        if files.name == "coco":
+            scored = evaluate_captioning(model.generate, items, generator=generator, **sampling)
+            metrics = {"cider": scored["cider"]}
+        else:
+            scored = evaluate_vqa(model.generate, items, generator=generator, **sampling)
+            metrics = {"accuracy": scored["accuracy"]}
+    task = TaskResult(files.name, metrics, scored["count"], scored["examples"])
+    settings = {"benchmark": files.name, "limit": config.limit, "seed": config.seed, "device": compute.device, **sampling}
+    return EvaluationResult(str(model_dir), step, [task], settings=settings, seconds=time.perf_counter() - start)

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.clip_score import ClipScorer
+from pipelines.data.clip_score import ClipScorer
 
 
 @dataclass(frozen=True)

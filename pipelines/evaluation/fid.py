@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 if TYPE_CHECKING:
-    from pipelines.clip_score import ClipScorer
+    from pipelines.data.clip_score import ClipScorer
 
 
 class FeatureExtractor(Protocol):
@@ -56,7 +56,7 @@ class InceptionFeatures:
 
 
 class ClipFeatures:
-    """L2-normalised image embeddings of a :class:`~pipelines.clip_score.ClipScorer` (its own preprocessing)."""
+    """L2-normalised image embeddings of a :class:`~pipelines.data.clip_score.ClipScorer` (its own preprocessing)."""
 
     name = "clip"
 

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from io import BytesIO
@@ -27,6 +23,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipelines.evaluation.run import EvaluationResult
+from pipelines.files import atomic_path
 
 REPORT = "report.md"
 RESULTS = "results.json"
@@ -162,9 +159,8 @@ def write_report(
     if not results:
         raise ValueError("write_report needs at least one evaluation result")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         lines = [f"# {title}", ""]
         if lineage:
             lines += ["## Lineage", "", "| | |", "|---|---|"]
@@ -193,11 +189,6 @@ def write_report(
         payload = {"title": title, "lineage": dict(lineage or {}),
                    "results": {label: r.to_dict() for label, r in results.items()}}
         (tmp / RESULTS).write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
-        tmp.chmod(0o755)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -221,17 +212,3 @@ def figure_markdown(figure: Figure, alt: str) -> str:
     buffer = BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return f"![{alt}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
-
-
-def git_commit(repo: str | Path | None = None) -> str:
-    """HEAD's commit of the repository holding ``repo`` (default: this code), ``+dirty`` when tracked files
-    differ from it; ``"not a git repo"`` when there is none (an installed package, an unpacked archive)."""
-    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=cwd, capture_output=True,
-                               timeout=10).returncode != 0
-    except (OSError, subprocess.SubprocessError):
-        return "not a git repo"
-    return head + ("+dirty" if dirty else "")

@@ -14,6 +14,7 @@ and checked against the eval files, so nothing is read from a global.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 import time
@@ -27,19 +28,53 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.clip_score import ClipScorer
+from pipelines.compute import Compute
+from pipelines.data.clip_score import ClipScorer
 from pipelines.evaluation.clip_similarity import ClipScoreResult, clip_score
 from pipelines.evaluation.fid import ClipFeatures, FIDResult, InceptionFeatures, fid
 from pipelines.evaluation.sample_world_tasks import BOI, TASKS, Generation, TaskResult, evaluate_task, read_split
 from pipelines.sample_world import Scene, WorldConfig, generate_world, render
 from pipelines.sample_world.formats import WORLD_CONFIG_FILE
 
-DEFAULT_INFERENCE_STEPS = 10
-"""DDIM steps per generated image: few, so that a CPU evaluates every task in about a minute."""
-DEFAULT_GUIDANCE_SCALE = 7.5
-"""Classifier-free guidance scale (``MMInterleaved.generate``'s default)."""
 IMAGE_TASKS = ("captioning", "vqa", "story_continuation")
 """Tasks whose prompts hold the world's images (text-to-image and seg-to-image prompts are drawn from scenes)."""
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What an evaluation runs and how it samples (the same for every checkpoint it compares)."""
+
+    tasks: tuple[str, ...] = TASKS
+    """Sample-world tasks to run (:data:`pipelines.evaluation.sample_world_tasks.TASKS`)."""
+    limit: int | None = None
+    """Records per task (``None``: all)."""
+    num_inference_steps: int = 10
+    """DDIM steps per generated image: fewer than ``MMInterleaved.generate``'s own default, so that a CPU
+    evaluates every sample-world task in about a minute."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; ``None``: ``MMInterleaved.generate``'s default."""
+    max_new_tokens: int = 24
+    """Text tokens per answer or caption."""
+    seed: int = 0
+    """Seeds the diffusion sampling of every task (text is decoded greedily)."""
+    image_size: int = 64
+    """Pixels at which generated images are parsed back into scenes."""
+    inception_weights: str | None = None
+    """Local torchvision Inception-v3 state dict for FID proper; ``None``: FID on the CLIP scorer's image
+    features (labelled as such) when a scorer is given."""
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; expected some of {TASKS}")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+
+
+def generation_arguments(generate: Callable[..., Any], **given: Any) -> dict[str, Any]:
+    """The sampling arguments of ``generate`` (``MMInterleaved.generate``) named in ``given``: the value given,
+    or ``generate``'s own default where it is ``None``."""
+    parameters = inspect.signature(generate).parameters
+    return {name: parameters[name].default if value is None else value for name, value in given.items()}
 
 
 @dataclass
@@ -143,75 +178,79 @@ def _no_image(image_id: str) -> Image.Image:
     raise ValueError(f"task needs the world's image {image_id!r}: pass world= (the sample_world manifest's config)")
 
 
+def load_for_evaluation(checkpoint: str | Path, compute: Compute):
+    """``(model, model_dir, step)``: the model of a run folder (latest checkpoint), a ``step-*`` folder or a
+    ``model/`` folder, in eval mode on ``compute.device``, and its training step (None outside a run)."""
+    from model.mm_interleaved import MMInterleaved  # transformers, diffusers and open_clip: ~5 s, only when used
+
+    model_dir = resolve_model_dir(checkpoint)
+    model = MMInterleaved.from_pretrained(model_dir, map_location=compute.device).eval()
+    return model, model_dir, checkpoint_step(model_dir)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     eval_dir: str | Path,
+    config: EvaluationConfig = EvaluationConfig(),
     *,
-    tasks: Sequence[str] = TASKS,
-    limit: int | None = None,
-    image_size: int = 64,
-    num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    max_new_tokens: int = 24,
     world: WorldConfig | Mapping[str, Any] | None = None,
     clip_scorer: ClipScorer | None = None,
-    inception_weights: str | Path | None = None,
-    seed: int = 0,
-    device: str = "cpu",
+    compute: Compute = Compute(),
     progress: bool = True,
 ) -> EvaluationResult:
-    """Run ``tasks`` (first ``limit`` records each) on a checkpoint and score them.
+    """Run ``config.tasks`` (first ``config.limit`` records each) on a checkpoint and score them.
 
     Args:
         checkpoint: a run folder (its latest checkpoint), a ``step-*`` folder or a ``model/`` folder.
         eval_dir: the sample world's ``eval/`` folder (``<task>.jsonl``).
-        image_size: pixels at which generated images are parsed back into scenes.
         world: config of the world that wrote ``eval_dir``; needed by captioning, VQA and story continuation
             (default: the ``world.json`` the sample world wrote beside its splits).
-        clip_scorer: scores text-to-image outputs against their prompts (``None``: no CLIP score).
-        inception_weights: local torchvision Inception-v3 state dict for FID proper; without it, FID on the CLIP
-            scorer's image features (labelled as such) when a scorer is given. Both need >= 2 text-to-image outputs.
-        seed: seeds the diffusion sampling of every task (text is decoded greedily).
+        clip_scorer: scores text-to-image outputs against their prompts (``None``: no CLIP score). With
+            ``config.inception_weights`` unset it also gives the features of the FID (labelled as such); both
+            need >= 2 text-to-image outputs.
     """
-    from model.mm_interleaved import MMInterleaved
-
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; expected some of {TASKS}")
     world = world if world is not None else written_world_config(eval_dir)
-    if world is None and set(tasks) & set(IMAGE_TASKS):
-        raise ValueError(f"tasks {sorted(set(tasks) & set(IMAGE_TASKS))} need the world's images: pass world= "
+    if world is None and set(config.tasks) & set(IMAGE_TASKS):
+        raise ValueError(f"tasks {sorted(set(config.tasks) & set(IMAGE_TASKS))} need the world's images: pass world= "
                          "(the sample_world manifest's config)")
     start = time.perf_counter()
-    model_dir = resolve_model_dir(checkpoint)
-    model = MMInterleaved.from_pretrained(model_dir, map_location=device).eval()
-    image_for = world_image_loader(world, eval_dir) if world is not None else _no_image
-    settings = {"tasks": list(tasks), "limit": limit, "image_size": image_size, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "max_new_tokens": max_new_tokens, "seed": seed, "device": device}
-    results, t2i = [], None
-    for task in tasks:
-        total = len(read_split(eval_dir, task, limit))
-        with tqdm(total=total, desc=f"eval {task}", unit="prompt", disable=not progress) as bar:
-            recorder = _Recorder(model.generate, bar)
-            generator = torch.Generator(device=device).manual_seed(seed)
-            results.append(evaluate_task(task, recorder, eval_dir, image_for, limit=limit, image_size=image_size,
-                                         max_new_tokens=max_new_tokens, num_inference_steps=num_inference_steps,
-                                         guidance_scale=guidance_scale, generator=generator))
-        if task == "text_to_image":
-            t2i = recorder
-    clip_result = fid_result = None
-    if t2i is not None and (clip_scorer is not None or inception_weights is not None):
-        references = [render(Scene.from_dict(r["scene"]), image_size) for r in read_split(eval_dir, "text_to_image", limit)]
-        blank = Image.new("RGB", (image_size, image_size), "white")  # no image generated: scored as a blank one
-        generated = [image if image is not None else blank for image in t2i.images]
-        if clip_scorer is not None:
-            clip_result = clip_score(clip_scorer, generated, t2i.texts, references)
-        extractor = (InceptionFeatures(inception_weights, device) if inception_weights is not None
-                     else ClipFeatures(clip_scorer))
-        if len(generated) >= 2:  # a covariance needs two images
-            fid_result = fid(_tensors(references), _tensors(generated), extractor)
-    return EvaluationResult(str(model_dir), checkpoint_step(model_dir), results, clip_result, fid_result, settings,
+    with compute.threads():
+        model, model_dir, step = load_for_evaluation(checkpoint, compute)
+        image_for = world_image_loader(world, eval_dir) if world is not None else _no_image
+        sampling = generation_arguments(model.generate, num_inference_steps=config.num_inference_steps,
+                                        guidance_scale=config.guidance_scale, max_new_tokens=config.max_new_tokens)
+        settings = {**dataclasses.asdict(config), **sampling, "device": compute.device}
+        results, t2i = [], None
+        for task in config.tasks:
+            total = len(read_split(eval_dir, task, config.limit))
+            with tqdm(total=total, desc=f"eval {task}", unit="prompt", disable=not progress) as bar:
+                recorder = _Recorder(model.generate, bar)
+                generator = torch.Generator(device=compute.device).manual_seed(config.seed)
+                results.append(evaluate_task(task, recorder, eval_dir, image_for, limit=config.limit,
+                                             image_size=config.image_size, generator=generator, **sampling))
+            if task == "text_to_image":
+                t2i = recorder
+        clip_result, fid_result = _image_scores(t2i, eval_dir, config, clip_scorer, compute)
+    return EvaluationResult(str(model_dir), step, results, clip_result, fid_result, settings,
                             time.perf_counter() - start)
+
+
+def _image_scores(t2i: _Recorder | None, eval_dir: str | Path, config: EvaluationConfig, clip_scorer: ClipScorer | None,
+                  compute: Compute) -> tuple[ClipScoreResult | None, FIDResult | None]:
+    """CLIP score and FID of the text-to-image outputs (None where there is no scorer or weights)."""
+    if t2i is None or (clip_scorer is None and config.inception_weights is None):
+        return None, None
+    size = config.image_size
+    references = [render(Scene.from_dict(r["scene"]), size) for r in read_split(eval_dir, "text_to_image", config.limit)]
+    blank = Image.new("RGB", (size, size), "white")  # no image generated: scored as a blank one
+    generated = [image if image is not None else blank for image in t2i.images]
+    clip_result = clip_score(clip_scorer, generated, t2i.texts, references) if clip_scorer is not None else None
+    fid_result = None
+    if len(generated) >= 2:  # a covariance needs two images
+        extractor = (InceptionFeatures(config.inception_weights, compute.device) if config.inception_weights is not None
+                     else ClipFeatures(clip_scorer))
+        fid_result = fid(_tensors(references), _tensors(generated), extractor)
+    return clip_result, fid_result
 
 
 def _tensors(images: Sequence[Image.Image]) -> torch.Tensor:

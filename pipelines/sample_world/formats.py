@@ -13,22 +13,28 @@ import dataclasses
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.files import atomic_path, write_text
 from pipelines.sample_world.world import SampleWorld, image_path
+
+
+@dataclass(frozen=True)
+class ShardSizes:
+    """How the world's metadata is cut into raw shards."""
+
+    docs_per_shard: int = 16
+    """MMC4 documents per jsonl(.zip) shard."""
+    rows_per_shard: int = 100
+    """Pairs per LAION parquet / CC-12M tsv shard."""
 
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def mmc4_records(world: SampleWorld, base_url: str) -> list[dict]:
@@ -58,23 +64,21 @@ def mmc4_records(world: SampleWorld, base_url: str) -> list[dict]:
     return records
 
 
-def write_mmc4(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, docs_per_shard: int = 16,
+def write_mmc4(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *,
+               docs_per_shard: int = ShardSizes.docs_per_shard,
                zipped: bool = True) -> list[Path]:
     out = Path(out_dir) / "mmc4"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, chunk in enumerate(_chunks(mmc4_records(world, base_url), docs_per_shard)):
         member = f"docs_shard_{i}_v2.jsonl"
-        data = "".join(json.dumps(r) + "\n" for r in chunk).encode()
+        data = "".join(json.dumps(r) + "\n" for r in chunk)
         if zipped:
             path = out / f"{member}.zip"
-            tmp = path.with_name(path.name + ".tmp")
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                 archive.writestr(member, data)
-            os.replace(tmp, path)
         else:
-            path = out / member
-            _atomic_write_bytes(path, data)
+            path = write_text(out / member, data)
         paths.append(path)
     return paths
 
@@ -84,7 +88,8 @@ def _split_pairs(world: SampleWorld) -> tuple[list, list]:
     return world.pairs[0::2], world.pairs[1::2]
 
 
-def write_laion(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, rows_per_shard: int = 100) -> list[Path]:
+def write_laion(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *,
+                rows_per_shard: int = ShardSizes.rows_per_shard) -> list[Path]:
     out = Path(out_dir) / "laion"
     out.mkdir(parents=True, exist_ok=True)
     size = world.config.image_size
@@ -98,21 +103,21 @@ def write_laion(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *
             "similarity": pa.array([p.similarity for p in chunk], pa.float64()),
         })
         path = out / f"part-{i:05d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         paths.append(path)
     return paths
 
 
-def write_cc12m(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, rows_per_shard: int = 100) -> list[Path]:
+def write_cc12m(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *,
+                rows_per_shard: int = ShardSizes.rows_per_shard) -> list[Path]:
     out = Path(out_dir) / "cc12m"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, chunk in enumerate(_chunks(_split_pairs(world)[1], rows_per_shard)):
         path = out / f"cc12m-{i:05d}.tsv"
         lines = "".join(f"{base_url + image_path(p.image_id)}\t{p.text}\n" for p in chunk)
-        _atomic_write_bytes(path, lines.encode())
+        write_text(path, lines)
         paths.append(path)
     return paths
 
@@ -145,7 +150,8 @@ WORLD_CONFIG_FILE = "world.json"
 
 
 def write_metadata(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, mmc4_zipped: bool = True,
-                   docs_per_shard: int = 16, rows_per_shard: int = 100) -> dict[str, list[Path]]:
+                   docs_per_shard: int = ShardSizes.docs_per_shard,
+                   rows_per_shard: int = ShardSizes.rows_per_shard) -> dict[str, list[Path]]:
     """Write all three source formats, the ground truth and the eval splits under ``out_dir``."""
     base_url = base_url.rstrip("/")
     out = Path(out_dir)
@@ -156,14 +162,14 @@ def write_metadata(world: SampleWorld, out_dir: str | os.PathLike, base_url: str
         "cc12m": write_cc12m(world, out, base_url, rows_per_shard=rows_per_shard),
     }
     truth = out / "ground_truth.jsonl"
-    _atomic_write_bytes(truth, "".join(json.dumps(r) + "\n" for r in ground_truth_records(world, base_url)).encode())
+    write_text(truth, "".join(json.dumps(r) + "\n" for r in ground_truth_records(world, base_url)))
     written["ground_truth"] = [truth]
     (out / "eval").mkdir(exist_ok=True)
     written["eval"] = []
     for name, records in world.eval_splits.items():
         path = out / "eval" / f"{name}.jsonl"
-        _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records))
         written["eval"].append(path)
     # The eval prompts hold the world's images, regenerated from this config by whoever evaluates.
-    _atomic_write_bytes(out / "eval" / WORLD_CONFIG_FILE, json.dumps(dataclasses.asdict(world.config), indent=1).encode())
+    write_text(out / "eval" / WORLD_CONFIG_FILE, json.dumps(dataclasses.asdict(world.config), indent=1))
     return written

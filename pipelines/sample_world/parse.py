@@ -15,7 +15,14 @@ import numpy as np
 from PIL import Image
 
 from pipelines.sample_world.scenes import (
-    BACKGROUND, COLOURS, DIGIT_BITMAPS, GLYPH_COLOUR, SIZES, Glyph, Scene, Shape,
+    BACKGROUND,
+    COLOURS,
+    DIGIT_BITMAPS,
+    GLYPH_COLOUR,
+    SIZES,
+    Glyph,
+    Scene,
+    Shape,
 )
 
 _NAMES = list(COLOURS) + ["background", "glyph"]

@@ -10,7 +10,14 @@ import random
 from dataclasses import dataclass, field
 
 from pipelines.sample_world.scenes import (
-    COLOURS, Scene, encode, free_cells, move, random_scene, recolour, render,
+    COLOURS,
+    Scene,
+    encode,
+    free_cells,
+    move,
+    random_scene,
+    recolour,
+    render,
 )
 
 
@@ -165,7 +172,7 @@ class SampleWorld:
         return encode(render(scenes[image_id], self.config.image_size), "jpeg")
 
     def routes(self) -> dict[str, bytes]:
-        """``/images/<id>.jpg`` → JPEG bytes, for :class:`pipelines.image_server.ImageServer`."""
+        """``/images/<id>.jpg`` → JPEG bytes, for :class:`pipelines.sample_world.image_server.ImageServer`."""
         return {image_path(i): encode(render(s, self.config.image_size), "jpeg") for i, s in self.scenes().items()}
 
 

@@ -19,10 +19,8 @@ a re-run with different ``meta``, ``maxcount`` or ``maxsize`` refuses to resume 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import Any
 
 import webdataset as wds
 from tqdm.auto import tqdm
+
+from pipelines.files import atomic_path, sha256, tar_keys
 
 INDEX_NAME = "index.json"
 
@@ -80,20 +80,10 @@ def read_index(out_dir: str | os.PathLike) -> ShardIndex:
 
 
 def _write_index(out_dir: Path, index: ShardIndex) -> None:
-    tmp = out_dir / (INDEX_NAME + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(out_dir / INDEX_NAME) as tmp, open(tmp, "w") as f:
         json.dump(index.to_dict(), f, indent=1, sort_keys=True, default=str)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / INDEX_NAME)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        os.fsync(f.fileno())  # the index vouches for the shards: on disk before it replaces the old one
 
 
 def _clean(out_dir: Path, index: ShardIndex) -> None:
@@ -132,7 +122,7 @@ class _IndexedWriter:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        self.index.shards.append(ShardInfo(final.name, len(self.keys), final.stat().st_size, file_sha256(final),
+        self.index.shards.append(ShardInfo(final.name, len(self.keys), final.stat().st_size, sha256(final),
                                            self.keys[0], self.keys[-1]))
         _write_index(self.out_dir, self.index)
         self.keys = []
@@ -221,21 +211,10 @@ def verify_shards(out_dir: str | os.PathLike) -> list[str]:
         if not path.exists():
             problems.append(f"{shard.name} is missing")
             continue
-        if path.stat().st_size != shard.bytes or file_sha256(path) != shard.sha256:
+        if path.stat().st_size != shard.bytes or sha256(path) != shard.sha256:
             problems.append(f"{shard.name}: size or sha256 differs from the index")
             continue
-        keys = shard_keys(path)
+        keys = tar_keys(path)
         if len(keys) != shard.samples or len(set(keys)) != len(keys):
             problems.append(f"{shard.name}: {len(keys)} keys ({len(set(keys))} distinct), index says {shard.samples}")
     return problems
-
-
-def shard_keys(path: str | os.PathLike) -> list[str]:
-    """Sample keys in a tar, in order (one per sample, however many files it has)."""
-    keys: list[str] = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key = member.name.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys

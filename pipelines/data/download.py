@@ -3,7 +3,7 @@
 img2dataset does the fetching, resizing and shard writing. Around it this stage adds:
 
 - exact URL dedup (each distinct URL is fetched once, however many documents use it);
-- a host policy (:class:`pipelines.hosts.HostPolicy`) applied before anything is fetched;
+- a host policy (:class:`pipelines.data.hosts.HostPolicy`) applied before anything is fetched;
 - a retry pass that re-fetches only the retryable failures of *finished* shards and merges the
   recovered images into those shards under their original keys;
 - a status table with one final row per URL, joined back onto documents so every image element
@@ -43,8 +43,9 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.documents import IMAGE_STATUS_OK, image_elements, write_documents
-from pipelines.hosts import HostPolicy
+from pipelines.data.documents import IMAGE_STATUS_OK, image_elements, write_documents
+from pipelines.data.hosts import HostPolicy
+from pipelines.files import atomic_path, read_tar, write_json
 
 STATUS_SCHEMA = pa.schema([
     pa.field("url", pa.string(), nullable=False),
@@ -187,9 +188,8 @@ def _terminable_workers() -> Iterator[None]:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _write_url_list(urls: list[str], path: Path) -> None:
@@ -276,10 +276,7 @@ def _load_retries(output_dir: Path) -> dict[str, int]:
 
 
 def _save_retries(output_dir: Path, counts: dict[str, int]) -> None:
-    path = output_dir / "retries.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(counts, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(output_dir / "retries.json", counts)
 
 
 def retry_pass(output_dir: Path, config: DownloadConfig, attempt: int, retry_counts: dict[str, int]) -> tuple[int, int]:
@@ -312,7 +309,7 @@ def retry_pass(output_dir: Path, config: DownloadConfig, attempt: int, retry_cou
         for row in pq.read_table(path).to_pylist():
             if row["status"] == "success":
                 fetched[row["url_id"]] = row
-        samples.update(_read_tar(path.with_suffix(".tar")))
+        samples.update(read_tar(path.with_suffix(".tar")))
     recovered = 0
     for shard, rows in failed.items():
         updates = {r["url_id"]: (r["key"], fetched[r["url_id"]]) for r in rows if r["url_id"] in fetched}
@@ -328,21 +325,8 @@ def retry_pass(output_dir: Path, config: DownloadConfig, attempt: int, retry_cou
     return len(urls), recovered
 
 
-def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """key → {extension: bytes} (webdataset convention: the key ends at the first dot)."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return samples
-
-
 def _write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for key in sorted(samples):
             for extension in sorted(samples[key]):
                 data = samples[key][extension]
@@ -350,7 +334,6 @@ def _write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
                 info.size = len(data)
                 info.mode = 0o444
                 tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 _RESULT_COLUMNS = ("status", "error_message", "width", "height", "original_width", "original_height", "exif",
@@ -361,7 +344,7 @@ def _merge_into_shard(shards_dir: Path, shard: str, updates: dict[str, tuple[str
                       retry_samples: dict[str, dict[str, bytes]]) -> None:
     """Put recovered samples into shard ``shard`` under their original keys; update its parquet and stats."""
     tar_path = shards_dir / f"{shard}.tar"
-    samples = _read_tar(tar_path)
+    samples = read_tar(tar_path)
     for original_key, row in updates.values():
         sample = dict(retry_samples[row["key"]])
         meta = json.loads(sample["json"])
@@ -385,9 +368,7 @@ def _merge_into_shard(shards_dir: Path, shard: str, updates: dict[str, tuple[str
     stats["failed_to_download"] = sum(r["status"] == "failed_to_download" for r in rows)
     stats["failed_to_resize"] = sum(r["status"] == "failed_to_resize" for r in rows)
     stats["recovered_by_retry"] = stats.get("recovered_by_retry", 0) + len(updates)
-    tmp = stats_path.with_name(stats_path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=4))
-    os.replace(tmp, stats_path)
+    write_json(stats_path, stats)
 
 
 # ------------------------------------------------------------------------------ documents

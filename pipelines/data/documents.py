@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.files import atomic_path
 
 ELEMENT_TYPE = pa.struct(
     [
@@ -158,16 +159,13 @@ def documents_to_table(documents: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def write_documents(documents: Iterable[dict[str, Any]], path: str | os.PathLike, batch_size: int = 1024) -> int:
-    """Stream documents into one parquet file (written to ``*.tmp`` and renamed when complete).
+    """Stream documents into one parquet file (written atomically: :func:`pipelines.files.atomic_path`).
 
     Returns the number of documents written. Memory is bounded by ``batch_size`` documents.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
     batch: list[dict[str, Any]] = []
-    with pq.ParquetWriter(tmp, DOCUMENT_SCHEMA) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, DOCUMENT_SCHEMA) as writer:
         for document in documents:
             batch.append(document)
             if len(batch) >= batch_size:
@@ -177,7 +175,6 @@ def write_documents(documents: Iterable[dict[str, Any]], path: str | os.PathLike
         if batch or count == 0:
             writer.write_table(documents_to_table(batch))
             count += len(batch)
-    os.replace(tmp, path)
     return count
 
 

@@ -1,7 +1,7 @@
-"""Tiny, deterministic inputs for the ``tiny`` preset: a BPE tokenizer and packed interleaved batches.
+"""Tiny, deterministic inputs for the model tests of the ``tiny`` preset: a BPE tokenizer, coloured squares and
+hand-packed interleaved batches (two documents a row) built with the model's own ``encode_document``.
 
-Real code used by the tests, the benchmark and CPU smoke runs until the data stages provide the
-sample world's tokenizer and shards.
+The model tests use these instead of the data stages' shards so that a model test fails for a model bug only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from model.batch import InterleavedBatch, encode_document
-from model.tokenizer import train_bpe_tokenizer
+from pipelines.data.tokenizer import train_bpe_tokenizer
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9), "yellow": (0.9, 0.9, 0.1)}
 CORPUS = [

@@ -1,44 +1,28 @@
-"""BLIP-2 recaptioning, and the sample world's own tiny captioner.
+"""The sample world's own captioner: a BLIP-2-architecture model of ~0.5 M parameters trained from scratch.
 
-:class:`Captioner` wraps a ``Blip2Processor`` + ``Blip2ForConditionalGeneration`` loaded from a
-local directory (BLIP-2 OPT-2.7B in the paper; never a download): batched, ``no_grad``, greedy
-decoding, CPU or GPU.
+:func:`train_world_captioner` trains a tiny BLIP-2 (tiny ViT, tiny Q-Former, tiny OPT, a BPE trained on the
+world's text) on the world's clean pairs and saves it with ``save_pretrained``, so the loading path of a real
+BLIP-2 (:class:`pipelines.data.recaption.Captioner`) serves it. :func:`evaluate_recaptioning` measures caption
+accuracy (:mod:`pipelines.sample_world.captions`) on the world's noisy alt-text pairs before (the alt-text) and
+after (the recaption).
 
-:func:`recaption_documents` yields one row per downloaded image of the pair documents —
-``doc_id``, ``element_index``, ``key``, ``caption`` (the source text) and ``caption_blip2`` — and
-:func:`recaptions_mapping` turns those rows into the ``recaptions`` (``doc_id -> caption``) that
-:func:`pipelines.packing.pack_documents` uses when ``PackingConfig.pair_caption == "blip2"``. An image
-that is missing or cannot be decoded is reported to ``handler`` with its key and skipped.
-
-:func:`train_world_captioner` trains a BLIP-2-architecture model of ~0.5 M parameters (tiny ViT,
-tiny Q-Former, tiny OPT, a BPE trained on the world's text) on the world's clean pairs and saves
-it with ``save_pretrained``, so the same loading path serves it. :func:`evaluate_recaptioning`
-measures caption accuracy on the world's noisy alt-text pairs before (the alt-text) and after
-(the recaption): a caption is *correct* when it equals the scene's true caption
-(:func:`pipelines.sample_world.caption`) after :func:`normalize_caption`; ``fact_f1`` gives partial
-credit over the (size, colour, shape, position) and (digit, position) facts a caption states.
+:func:`provide_captioner` is the captioner stage: the sample world's captioner trained (:class:`WorldCaptioner`), or a
+BLIP-2 folder described (:class:`pipelines.data.recaption.PretrainedBlip2`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import os
 import random
-import re
-import shutil
-import string
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import (
     Blip2Config,
@@ -48,184 +32,27 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipelines.documents import IMAGE_STATUS_OK
-from pipelines.errors import BadRecord, Handler, warn_and_continue
-from pipelines.sample_world.scenes import COLOURS, SHAPES, SIZES
+from pipelines.compute import Compute
+from pipelines.data.recaption import (
+    CAPTION_FIELD,
+    Captioner,
+    CaptionerManifest,
+    Captioning,
+    PretrainedBlip2,
+    as_rgb_image,
+    model_digest,
+    recaption_documents,
+)
+from pipelines.data.tokenizer import train_tokenizer
+from pipelines.sample_world.captions import caption_scores
+from pipelines.sample_world.documents import world_documents, world_images, world_texts, world_truth
 from pipelines.sample_world.world import SampleWorld, WorldConfig, caption, generate_world
-from pipelines.tokenizer import train_tokenizer, world_texts
-from pipelines.world_data import world_documents, world_images, world_truth
 
-CAPTION_FIELD = "caption_blip2"
+WORLD_CAPTIONER_KIND = "sample_world_tiny_blip2"
 POSITION_EMBEDDING_STD = 1.0
 """Initial scale of the tiny captioner's ViT position embeddings (see :func:`tiny_captioner`)."""
 
 
-class Captioner:
-    """Captions images with a BLIP-2 model (eval mode, ``no_grad``, greedy decoding)."""
-
-    def __init__(self, model: Blip2ForConditionalGeneration, processor: Blip2Processor, *,
-                 device: str | torch.device = "cpu", batch_size: int = 32, max_new_tokens: int = 64) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, **kwargs: Any) -> "Captioner":
-        """Processor and model from a local directory (``save_pretrained`` layout); no hub access."""
-        processor = Blip2Processor.from_pretrained(str(path), local_files_only=True)
-        model = Blip2ForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-        return cls(model, processor, device=device, **kwargs)
-
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Model + processor, written to a temporary sibling and renamed (no half-written directory)."""
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            self.model.save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
-
-    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(B, 3, H, W)`` on the model's device and dtype."""
-        pixels = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.model.dtype)
-
-    @torch.no_grad()
-    def caption(self, images: Sequence[Image.Image | bytes]) -> list[str]:
-        """One caption per image, in order (batches of ``batch_size``)."""
-        captions: list[str] = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [_as_image(x) for x in images[start: start + self.batch_size]]
-            tokenizer = self.processor.tokenizer
-            out = self.model.generate(pixel_values=self.pixel_values(batch), max_new_tokens=self.max_new_tokens,
-                                      do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)
-            # 'out' repeats the prompt (image placeholders + <s>) for decoder-only LMs; both are special tokens
-            captions.extend(text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True))
-        return captions
-
-
-def model_digest(directory: str | os.PathLike) -> str:
-    """sha256 over a saved captioner's weights (``*.safetensors``) and ``tokenizer.json``: its version,
-    which names the recaptions it made. A retrained model with identical weights keeps its version;
-    ``config.json`` is left out because a load → save round trip rewrites it with the same meaning."""
-    digest = hashlib.sha256()
-    root = Path(directory)
-    weights, tokenizer = sorted(root.glob("*.safetensors")), root / "tokenizer.json"
-    if not weights or not tokenizer.is_file():
-        raise FileNotFoundError(f"{root}: need *.safetensors and tokenizer.json (Captioner.save_pretrained layout)")
-    for path in [*weights, tokenizer]:
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _as_image(data: Image.Image | bytes) -> Image.Image:
-    image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-    return image.convert("RGB")
-
-
-# recaptioning documents --------------------------------------------------------------------------
-def recaption_documents(
-    documents: Iterable[dict[str, Any]],
-    captioner: Captioner,
-    images: Mapping[str, bytes],
-    *,
-    kinds: Sequence[str] = ("pair",),
-    handler: Handler = warn_and_continue,
-    progress: bool = False,
-) -> Iterator[dict[str, Any]]:
-    """One row per downloaded image of the documents whose ``kind`` is in ``kinds``: ``doc_id``,
-    ``element_index``, ``key``, ``caption`` (the document's own text) and ``caption_blip2``.
-
-    ``images`` maps an element's ``key`` to encoded bytes. An image with a failed status, without
-    bytes, or whose bytes do not decode is reported to ``handler`` (``BadRecord(doc_id,
-    element_index, reason with the key)``) and skipped. Images are captioned in batches of
-    ``captioner.batch_size``, across documents."""
-    pending: list[tuple[dict[str, Any], Image.Image]] = []
-    for document in tqdm(documents, desc="recaptions", unit="doc", disable=not progress):
-        if document["kind"] not in kinds:
-            continue
-        text = " ".join(e["text"] or "" for e in document["elements"] if e["type"] == "text")
-        for index, element in enumerate(document["elements"]):
-            if element["type"] != "image":
-                continue
-            key = element.get("key")
-            row = {"doc_id": document["doc_id"], "element_index": index, "key": key, "caption": text}
-            if element.get("status") not in (None, IMAGE_STATUS_OK) or key not in images:
-                handler(BadRecord(document["doc_id"], index, f"image not available (status={element.get('status')}, key={key})"))
-                continue
-            try:
-                image = _as_image(images[key])
-            except Exception as exc:  # PIL raises several types for bad bytes
-                handler(BadRecord(document["doc_id"], index, f"undecodable image (key={key}): {type(exc).__name__}: {exc}"))
-                continue
-            pending.append((row, image))
-            if len(pending) >= captioner.batch_size:
-                yield from _caption_rows(pending, captioner)
-                pending = []
-    if pending:
-        yield from _caption_rows(pending, captioner)
-
-
-def _caption_rows(pending: list[tuple[dict[str, Any], Image.Image]], captioner: Captioner) -> Iterator[dict[str, Any]]:
-    for (row, _), text in zip(pending, captioner.caption([image for _, image in pending])):
-        yield {**row, CAPTION_FIELD: text}
-
-
-def recaptions_mapping(rows: Iterable[dict[str, Any]]) -> dict[str, str]:
-    """``doc_id -> caption_blip2`` (a pair's first image) for ``pack_documents(..., recaptions=...)``."""
-    out: dict[str, str] = {}
-    for row in rows:
-        out.setdefault(row["doc_id"], row[CAPTION_FIELD])
-    return out
-
-
-# caption accuracy ---------------------------------------------------------------------------------
-_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
-_POSITIONS = "top left|top right|bottom left|bottom right|top|bottom|left|right|center|middle"
-_OBJECT = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (?:in|at) the ({_POSITIONS})\b")
-_DIGIT = re.compile(rf"\bdigit (\d) at the ({_POSITIONS})\b")
-
-
-def normalize_caption(text: str) -> str:
-    """Lowercase, punctuation to spaces, whitespace collapsed."""
-    return " ".join(text.lower().translate(_PUNCTUATION).split())
-
-
-def caption_facts(text: str) -> set[tuple[str, ...]]:
-    """The facts a caption states: ``(size, colour, shape, position)`` per object, ``("digit", d, position)``."""
-    norm = normalize_caption(text)
-    facts = {m.groups() for m in _OBJECT.finditer(norm)}
-    facts |= {("digit", *m.groups()) for m in _DIGIT.finditer(norm)}
-    return facts
-
-
-def caption_scores(predictions: Sequence[str], truths: Sequence[str]) -> dict[str, float]:
-    """``accuracy``: fraction with ``normalize_caption(prediction) == normalize_caption(truth)``;
-    ``fact_f1``: mean per-caption F1 of :func:`caption_facts` against the truth's facts."""
-    if len(predictions) != len(truths) or not truths:
-        raise ValueError("need as many predictions as truths, at least one")
-    exact, f1 = [], []
-    for prediction, truth in zip(predictions, truths):
-        exact.append(normalize_caption(prediction) == normalize_caption(truth))
-        got, want = caption_facts(prediction), caption_facts(truth)
-        hit = len(got & want)
-        f1.append(0.0 if not hit else 2 * hit / (len(got) + len(want)))
-    return {"accuracy": float(np.mean(exact)), "fact_f1": float(np.mean(f1)), "n": len(truths)}
-
-
-# the sample world's captioner ---------------------------------------------------------------------
 def tiny_blip2_config(tokenizer: PreTrainedTokenizerBase, image_token_index: int, *, image_size: int = 64,
                       num_query_tokens: int = 16) -> Blip2Config:
     """A BLIP-2 (ViT + Q-Former + OPT) of ~0.5 M parameters for the tokenizer's vocabulary."""
@@ -305,7 +132,7 @@ class CaptionerTraining:
     image_size: int = 64
     num_query_tokens: int = 16
     vocab_size: int = 510
-    """BPE size of the tokenizer trained on the world's text (``pipelines.tokenizer.train_tokenizer``)."""
+    """BPE size of the tokenizer trained on the world's text (``pipelines.data.tokenizer.train_tokenizer``)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -335,7 +162,7 @@ def train_world_captioner(world: SampleWorld, out_dir: str | os.PathLike | None 
     pairs = world_caption_pairs(world)
     jpegs = world_images(world)
     chunk = 512  # the processor's float intermediates for every image at once would cost several GB
-    pixels = torch.cat([captioner.pixel_values([_as_image(jpegs[key]) for key, _ in pairs[i: i + chunk]])
+    pixels = torch.cat([captioner.pixel_values([as_rgb_image(jpegs[key]) for key, _ in pairs[i: i + chunk]])
                         for i in range(0, len(pairs), chunk)])
     ids = _caption_ids(captioner, [text for _, text in pairs])
     # 2. optimise
@@ -397,3 +224,33 @@ def evaluate_recaptioning(captioner: Captioner, world: SampleWorld, *, text_kind
     return {"text_kind": text_kind, "pairs": len(rows), "before": before, "after": after,
             "examples": [{"key": r["key"], "before": r["caption"], "after": r[CAPTION_FIELD], "truth": t}
                          for r, t in zip(rows[:5], truths[:5])]}
+
+
+@dataclass(frozen=True)
+class WorldCaptioner:
+    """The sample world's captioner: a tiny BLIP-2 trained on a world of another seed whose pairs all carry their
+    true caption, evaluated on the noisy alt-text pairs of the world it recaptions."""
+
+    world: WorldConfig
+    """The world whose pairs it recaptions."""
+    training: CaptionerTraining = CaptionerTraining()
+    training_pairs: int = 12_000
+    """Pairs of the captioner's own training world (no alt-texts, no mismatches). Fresh scenes, not more steps, are
+    what make it generalise: on ~2k pairs the tiny model memorises its training images and recaptions new ones no
+    better than chance."""
+    captioning: Captioning = Captioning()
+
+
+def provide_captioner(source: WorldCaptioner | PretrainedBlip2, out_dir: Path,
+                      compute: Compute = Compute()) -> CaptionerManifest:
+    """The captioner stage: train the sample world's captioner into ``out_dir`` and evaluate it, or check and
+    describe a BLIP-2 folder on local disk (``out_dir`` is not written then)."""
+    if isinstance(source, PretrainedBlip2):
+        return source.describe()
+    training_world = captioner_training_world(replace(source.world, seed=source.world.seed + 2000), source.training_pairs)
+    with compute.threads():
+        _, report = train_world_captioner(training_world, out_dir, source.training)
+        manifest = CaptionerManifest(kind=WORLD_CAPTIONER_KIND, directory=str(out_dir), version=model_digest(out_dir),
+                                     captioning=source.captioning, training=report)
+        evaluation = evaluate_recaptioning(manifest.load(compute), generate_world(source.world))
+    return replace(manifest, evaluation=evaluation)

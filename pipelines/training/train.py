@@ -1,7 +1,7 @@
 """Train MM-Interleaved on packed WebDataset shards with DeepSpeed, from one process to many nodes.
 
-One code path everywhere: ``python -m model.train --config cfg.json`` runs one process (it sets up
-a one-rank group itself); ``torchrun --nproc_per_node N -m model.train --config cfg.json`` or the
+One code path everywhere: ``python -m pipelines.training.train --config cfg.json`` runs one process (it sets up
+a one-rank group itself); ``torchrun --nproc_per_node N -m pipelines.training.train --config cfg.json`` or the
 ``deepspeed`` launcher run N ranks per node. The backend is NCCL on GPUs and gloo on CPU; ZeRO's
 stage comes from the config. Reads top to bottom: config -> distributed setup -> data -> model ->
 optimizer/engine -> resume -> loop.
@@ -15,6 +15,7 @@ checkpoint: weights, optimizer, step (the schedule is a function of it), each ra
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -37,10 +38,22 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from model.batch import InterleavedBatch
-from model.checkpoint import MODEL_DIR, TRAINER_STATE, latest_checkpoint, load_checkpoint, read_rank_state, save_checkpoint, set_rng_state
+from model.checkpoint import (
+    MODEL_DIR,
+    TRAINER_STATE,
+    latest_checkpoint,
+    load_checkpoint,
+    read_rank_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from model.config import MMInterleavedConfig
-from model.schedule import SCHEDULES, lr_factor
-from pipelines.torch_threads import cpu_threads
+from pipelines.compute import cpu_threads, offline_process
+from pipelines.data.loader import collate_sequences, sequence_dataset
+from pipelines.data.shards import read_index
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.files import atomic_path, write_json, write_text
+from pipelines.training.schedule import SCHEDULES, lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +71,7 @@ class TrainConfig:
     run_dir: str
     """Folder for checkpoints, metrics and sample logs; a run started on a folder with a checkpoint resumes."""
     shards: str | list[str]
-    """A shard folder with ``index.json`` (``pipelines.shards``) or a list of shard paths/URLs."""
+    """A shard folder with ``index.json`` (``pipelines.data.shards``) or a list of shard paths/URLs."""
     tokenizer: str | None = None
     """Local tokenizer folder; ``None``: the model config's ``tokenizer_path``/``llm_path``."""
     model: str | dict[str, Any] = "tiny"
@@ -250,8 +263,6 @@ def shard_urls(shards: str | Sequence[str], num_image_tokens: int) -> list[str]:
     """Shard URLs from a folder's ``index.json`` (checked complete and packed for ``num_image_tokens``) or a list."""
     if not isinstance(shards, str):
         return list(shards)
-    from pipelines.shards import read_index
-
     index = read_index(shards)
     if not index.complete:
         raise ValueError(f"the shard set in {shards} is incomplete (its writer did not finish)")
@@ -262,8 +273,6 @@ def shard_urls(shards: str | Sequence[str], num_image_tokens: int) -> list[str]:
 
 
 def _collate(samples, *, pad_token_id: int, image_size: tuple[int, int]) -> tuple[list[str], InterleavedBatch]:
-    from pipelines.loader import collate_sequences
-
     return [s["__key__"] for s in samples], collate_sequences(samples, pad_token_id=pad_token_id, image_size=image_size)
 
 
@@ -301,8 +310,6 @@ class EpochData:
         return {"epoch": self.epoch, "position": self.position}
 
     def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
-        from pipelines.loader import sequence_dataset
-
         c = self.config
         dataset = sequence_dataset(self.urls, image_size=self.image_size, resampled=c.resampled, shuffle_buffer=c.shuffle_buffer,
                                    seed=c.seed + epoch, epoch_samples=c.epoch_samples)
@@ -332,8 +339,7 @@ class EpochData:
 # model
 # -------------------------------------------------------------------------------------------------
 def build_model(config: TrainConfig):
-    from model.mm_interleaved import MMInterleaved
-    from pipelines.tokenizer import load_tokenizer
+    from model.mm_interleaved import MMInterleaved  # transformers, diffusers and open_clip: ~5 s, only when building
 
     model_config = config.model_config()
     tokenizer = None
@@ -345,8 +351,6 @@ def build_model(config: TrainConfig):
 
 def shard_images(config: TrainConfig, image_size: tuple[int, int], num_image_tokens: int, limit: int = 4096) -> torch.Tensor:
     """Up to ``limit`` images of the training shards, ``(N, 3, H, W)`` in [0, 1] (one pass, in shard order)."""
-    from pipelines.loader import sequence_dataset
-
     images = []
     for sample in sequence_dataset(shard_urls(config.shards, num_image_tokens), image_size=image_size, shuffle_buffer=1,
                                    seed=config.seed):
@@ -388,20 +392,10 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def save_model(model, directory: str | os.PathLike) -> Path:
-    """``model.save_pretrained(directory)`` written to a temporary sibling and renamed (e.g. the step-0 baseline)."""
-    import shutil
-    import tempfile
-
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    """``model.save_pretrained(directory)``, atomically (:func:`pipelines.files.atomic_path`; e.g. the step-0 baseline)."""
+    with atomic_path(directory) as tmp:
         model.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -432,9 +426,9 @@ class _JsonLines:
         if keep_until_step is not None and path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_until_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))
         elif keep_until_step is None:
-            path.write_text("")
+            write_text(path, "")
         self.file = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -459,8 +453,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> TrainResult:
         deepspeed = _deepspeed()
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
+            write_json(run_dir / "train_config.json", config.to_dict())
         checkpoint = latest_checkpoint(run_dir) if config.resume else None
 
         # model: the same init on every rank (DeepSpeed also broadcasts rank 0's weights)
@@ -618,11 +611,44 @@ def _save(engine, model, config: TrainConfig, step: int, world_size: int, data, 
     return save_checkpoint(engine, model, config.run_dir, step, trainer_state, data_state, config.keep_checkpoints)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m model.train --config cfg.json``: ``weft train`` under the name launchers expect."""
-    from model.cli import main as weft
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with ``value`` read as JSON when it parses (numbers, lists, true/false), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
-    return weft(["train", *(sys.argv[1:] if argv is None else argv)])
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command line of a training run (``weft train`` and ``python -m pipelines.training.train``)."""
+    parser.add_argument("--config", required=True, help="JSON file with the fields of pipelines.training.train.TrainConfig")
+    parser.add_argument("--set", action="append", type=_parse_override, metavar="KEY=VALUE",
+                        help="override one config field (value parsed as JSON when possible); repeatable")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher's
+    parser.set_defaults(run=run_from_arguments)
+    return parser
+
+
+def run_from_arguments(args: argparse.Namespace) -> int:
+    """Train the run the parsed command line describes; a bad config file or key exits naming it."""
+    try:
+        config = TrainConfig.from_json(args.config, dict(args.set or []))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    result = train(config)
+    print(f"step {result.step}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipelines.training.train --config cfg.json``: ``weft train`` under the name launchers
+    (torchrun, deepspeed) expect."""
+    offline_process()
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m pipelines.training.train", description=__doc__.split("\n\n")[0]))
+    return run_from_arguments(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

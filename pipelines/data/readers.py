@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 
-from pipelines.documents import image_element, interleave, make_document, make_pair
-from pipelines.errors import BadRecord, Handler, warn_and_continue
+from pipelines.data.documents import image_element, interleave, make_document, make_pair
+from pipelines.data.errors import BadRecord, Handler, warn_and_continue
 
 URL_COLUMNS = ("url",)
 CAPTION_COLUMNS = ("text", "caption")

@@ -1,8 +1,8 @@
 """The sample world as the later data stages see it, without the HTTP round trip.
 
 :func:`world_documents` gives the normalized documents the readers + download stage would give
-(MMC4 records parsed by :func:`pipelines.readers.parse_mmc4_record`, pairs by
-:func:`pipelines.documents.make_pair`), with each image element already marked downloaded under
+(MMC4 records parsed by :func:`pipelines.data.readers.parse_mmc4_record`, pairs by
+:func:`pipelines.data.documents.make_pair`), with each image element already marked downloaded under
 the key ``image_id``; :func:`world_images` gives those keys' JPEG bytes and :func:`world_truth`
 the ground truth per key (scene, true caption, mismatch label). Stages and their tests use these
 to run on the world in memory; the end-to-end graph uses the real download output instead.
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.documents import IMAGE_STATUS_OK, make_pair
-from pipelines.readers import parse_mmc4_record
+from pipelines.data.documents import IMAGE_STATUS_OK, make_pair
+from pipelines.data.readers import parse_mmc4_record
 from pipelines.sample_world.formats import _split_pairs, mmc4_records
 from pipelines.sample_world.scenes import encode, render
 from pipelines.sample_world.world import SampleWorld, caption, image_path
@@ -43,6 +43,18 @@ def world_documents(world: SampleWorld, base_url: str = BASE_URL) -> list[dict[s
             if element["type"] == "image":
                 element.update(key=_key(element["url"]), status=IMAGE_STATUS_OK)
     return documents
+
+
+def world_texts(world: SampleWorld) -> list[str]:
+    """Every text of the world's training sources: pair texts, true captions, story sentences (what the sample
+    world's tokenizer is trained on)."""
+    texts: list[str] = []
+    for pair in world.pairs:
+        texts.append(pair.text)
+        texts.append(pair.caption)
+    for story in world.stories:
+        texts.extend(story.sentences)
+    return texts
 
 
 def world_images(world: SampleWorld, size: int | None = None) -> dict[str, bytes]:

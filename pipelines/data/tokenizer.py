@@ -13,17 +13,17 @@ import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
-from tokenizers import Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from model.tokenizer import add_multimodal_tokens, train_bpe_tokenizer
-from pipelines.sample_world.world import SampleWorld
+from model.tokenizer import add_multimodal_tokens
+from pipelines.files import atomic_path, fingerprint
 
 TINY_BOI_TOKEN = "<BoI>"
 TINY_IMAGE_TOKEN = "<image>"
@@ -40,15 +40,20 @@ class TokenIds:
     image: int
 
 
-def world_texts(world: SampleWorld) -> list[str]:
-    """Every text of the sample world's training sources: pair texts, true captions, story sentences."""
-    texts: list[str] = []
-    for pair in world.pairs:
-        texts.append(pair.text)
-        texts.append(pair.caption)
-    for story in world.stories:
-        texts.extend(story.sentences)
-    return texts
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts`` (milliseconds for small corpora) with ``<s>``, ``</s>``, ``<pad>`` and
+    ``<unk>``, wrapped as a Hugging Face fast tokenizer (it round-trips through ``AutoTokenizer``)."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def train_tokenizer(
@@ -74,17 +79,10 @@ def train_tokenizer(
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """``tokenizer.save_pretrained(out_dir)``, atomically (:func:`pipelines.files.atomic_path`)."""
+    with atomic_path(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def load_tokenizer(
@@ -108,6 +106,65 @@ def token_ids(
         raise ValueError("tokenizer needs bos (<s>) and eos (</s>) tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenIds(tokenizer.bos_token_id, tokenizer.eos_token_id, pad, vocab[boi_token], vocab[image_token])
+
+
+class TokenizerSource(Protocol):
+    """Where the tokenizer comes from (:class:`PretrainedTokenizer`, or the sample world's
+    :class:`pipelines.sample_world.tokenizer.WorldTokenizer`)."""
+
+    boi_token: str
+    image_token: str
+
+    def build(self) -> PreTrainedTokenizerBase:
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        ...
+
+
+@dataclass(frozen=True)
+class PretrainedTokenizer:
+    """An LLM's tokenizer from a local directory (no hub access), with the model's image tokens added."""
+
+    path: str
+    boi_token: str = TINY_BOI_TOKEN
+    image_token: str = TINY_IMAGE_TOKEN
+
+    def build(self) -> PreTrainedTokenizerBase:
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"tokenizer directory {self.path!r} does not exist")
+        return load_tokenizer(self.path, boi_token=self.boi_token, image_token=self.image_token)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "pretrained", "path": self.path, "boi_token": self.boi_token, "image_token": self.image_token}
+
+
+@dataclass(frozen=True)
+class TokenizerManifest:
+    """The saved tokenizer the packer and the model use, and the ids of its special tokens."""
+
+    path: str
+    vocab_size: int
+    token_ids: TokenIds
+    boi_token: str
+    image_token: str
+    source: dict[str, Any]
+    """What it was built from (:meth:`TokenizerSource.describe`)."""
+
+    @property
+    def version(self) -> str:
+        return fingerprint(asdict(self))
+
+    def load(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.path, boi_token=self.boi_token, image_token=self.image_token)
+
+
+def provide_tokenizer(source: TokenizerSource, out_dir: str | os.PathLike) -> TokenizerManifest:
+    """The tokenizer stage: build the tokenizer ``source`` describes and save it to ``out_dir``."""
+    built = source.build()
+    out = save_tokenizer(built, out_dir)
+    ids = token_ids(built, boi_token=source.boi_token, image_token=source.image_token)
+    return TokenizerManifest(str(out), len(built), ids, source.boi_token, source.image_token, source.describe())
 
 
 # fast encoding of many short texts ----------------------------------------------------------------
@@ -162,11 +219,15 @@ class TextEncoder:
         self._words: dict[str, list[int]] = {_TEXT_END: [-1]}
         self.mode = "separate"
         for mode in ("words", "joined"):
-            if self._mode_allowed(mode):
-                self.mode = mode
-                if self._matches(_PROBE_TEXTS):
-                    break
-                self.mode = "separate"
+            if not self._mode_allowed(mode):
+                continue
+            self.mode = mode
+            mismatch = self._mismatch(_PROBE_TEXTS)
+            if mismatch is None:
+                break
+            warnings.warn(f"TextEncoder: the {mode!r} shortcut does not reproduce this tokenizer ({mismatch}); "
+                          "encoding one text at a time instead (slower)", RuntimeWarning, stacklevel=2)
+            self.mode = "separate"
 
     def _mode_allowed(self, mode: str) -> bool:
         if mode == "joined":
@@ -177,13 +238,19 @@ class TextEncoder:
         return (config.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
                 and not pre.get("add_prefix_space") and model.get("type") == "BPE" and model.get("dropout") is None)
 
-    def _matches(self, texts) -> bool:
+    def _mismatch(self, texts) -> str | None:
+        """Why the current mode does not reproduce one-by-one encoding on ``texts`` (None: it does). A shortcut
+        whose cut points do not line up raises ``ValueError`` (a separator missing from the ids); any other
+        error is a real one and propagates."""
         texts = list(texts)
         try:
             batches = [texts, texts[::-1], [t + t for t in texts], *([t] for t in texts)]
-            return all(self(batch) == self.separate(batch) for batch in batches)
-        except Exception:  # noqa: BLE001 - any surprise means: do not use the shortcut
-            return False
+            for batch in batches:
+                if self(batch) != self.separate(batch):
+                    return f"{batch[:2]!r}... encode differently"
+            return None
+        except ValueError as error:
+            return f"ValueError: {error}"
         finally:
             self.clear_cache()
 

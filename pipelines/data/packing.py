@@ -23,7 +23,7 @@ Two stages, each a generator over records:
 
 Each sequence stores its token ids, the images' encoded bytes (one per ``<BoI>``, in order) and
 its document boundaries as ``cu_seqlens`` (0, end of part 1, ..., length) with the document id
-and part number of each segment, which is what :mod:`pipelines.loader` turns into the model's
+and part number of each segment, which is what :mod:`pipelines.data.loader` turns into the model's
 ``document_ids``.
 """
 
@@ -41,18 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.documents import IMAGE_STATUS_OK
-from pipelines.errors import BadRecord, Handler, warn_and_continue
-from pipelines.tokenizer import TINY_BOI_TOKEN, TINY_IMAGE_TOKEN, TextEncoder, TokenIds, token_ids
+from pipelines.data.documents import IMAGE_STATUS_OK
+from pipelines.data.errors import BadRecord, Handler, warn_and_continue
+from pipelines.data.tokenizer import TINY_BOI_TOKEN, TINY_IMAGE_TOKEN, TextEncoder, TokenIds, token_ids
 
 _INT32 = "i"
 """``array`` typecode of the token ids (C int: 4 bytes on every platform weft runs on, checked here)."""
 if array(_INT32).itemsize != 4:
-    raise ImportError(f"pipelines.packing needs a 4-byte C int for array({_INT32!r})")
-
-
-PAIR_CAPTIONS = ("original", "blip2")
-"""A pair's text: its source text, or its BLIP-2 recaption where one exists."""
+    raise ImportError(f"pipelines.data.packing needs a 4-byte C int for array({_INT32!r})")
 
 
 @dataclass(frozen=True)
@@ -68,8 +64,6 @@ class PackingConfig:
     pair_image_first_probability: float = 0.5
     """Pairs: probability that the image comes before the caption."""
     lowercase_pair_captions: bool = True
-    pair_caption: str = "original"
-    """``original`` (the source text) or ``blip2`` (the recaption, where one exists)."""
     max_images_per_sequence: int | None = None
     """At most this many images in one sequence (None: no cap). A document whose images would pass
     the cap goes on in the next sequence, split at a sentence-unit boundary like an over-long one
@@ -89,8 +83,6 @@ class PackingConfig:
                 raise ValueError(f"{name} must be in [0, 1]")
         if self.max_images_per_sequence is not None and self.max_images_per_sequence < 1:
             raise ValueError(f"max_images_per_sequence must be None or >= 1, got {self.max_images_per_sequence}")
-        if self.pair_caption not in PAIR_CAPTIONS:
-            raise ValueError(f"pair_caption must be one of {PAIR_CAPTIONS}, got {self.pair_caption!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +169,6 @@ class PackingStats:
     forced_splits: int = 0
     padding_tokens: int = 0
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -241,7 +232,7 @@ def _layout(document: dict[str, Any], config: PackingConfig, images: Mapping[str
     if document["kind"] == "pair":
         pictures = [data for group, _ in groups for data in group] + pending
         caption = " ".join([text for _, text in groups])
-        if config.pair_caption == "blip2" and recaptions is not None and doc_id in recaptions:
+        if recaptions is not None and doc_id in recaptions:
             caption = recaptions[doc_id]
         if config.lowercase_pair_captions:
             caption = caption.lower()
@@ -279,8 +270,8 @@ def tokenize_documents(
 ) -> Iterator[TokenizedDocument]:
     """Tokenize documents (see the module docstring). ``images`` maps an element's download ``key``
     (or its ``url``) to encoded bytes; an image without bytes or with a failed status is left out
-    and reported to ``handler``. ``recaptions`` maps pair ``doc_id`` to a BLIP-2 caption, used when
-    ``config.pair_caption == "blip2"``. ``tokenizer`` is a Hugging Face fast tokenizer; the image
+    and reported to ``handler``. ``recaptions`` maps pair ``doc_id`` to a BLIP-2 caption: a pair
+    found there is packed with its recaption instead of its source text. ``tokenizer`` is a Hugging Face fast tokenizer; the image
     tokens are looked up by their names ``boi_token`` and ``image_token`` (the model config's
     ``LanguageConfig.boi_token`` / ``image_token``) unless ``ids`` gives them."""
     ids = ids or token_ids(tokenizer, boi_token=boi_token, image_token=image_token)

@@ -21,23 +21,27 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
 
-from pipelines.documents import IMAGE_STATUS_OK
+from pipelines.data.documents import IMAGE_STATUS_OK
 
 
 @dataclass(frozen=True)
 class FilterConfig:
-    min_similarity: float = 0.24
+    """The thresholds and rules; a similarity threshold of None means "the CLIP scorer's calibrated threshold"
+    (the sample world's tiny scorer has its own scale; 0.24 / 0.28 are for CLIP ViT-L/14 and B/32), set with
+    :meth:`with_scorer_threshold` before filtering."""
+
+    min_similarity: float | None = 0.24
     """MMC4: keep images with CLIP ViT-L/14 similarity >= 0.24 to their matched sentence."""
     max_images_per_document: int = 6
     drop_documents_without_images: bool = True
     one_image_drop_fraction: float = 0.5
     """Fraction of one-image interleaved documents dropped (deterministically, by doc id hash)."""
-    pair_min_similarity: float = 0.28
+    pair_min_similarity: float | None = 0.28
     """Image-text pairs: keep when similarity >= this (DataComp's CLIP B/32 filter uses 0.28)."""
     require_download: bool = True
     """Drop images whose download ``status`` is not ``ok`` (None counts as not downloaded)."""
@@ -48,6 +52,13 @@ class FilterConfig:
             raise ValueError("one_image_drop_fraction must be in [0, 1]")
         if self.max_images_per_document < 1:
             raise ValueError("max_images_per_document must be >= 1")
+
+    def with_scorer_threshold(self, threshold: float | None) -> "FilterConfig":
+        """This config with every None similarity threshold set to the scorer's ``threshold``."""
+        unset = [name for name in ("min_similarity", "pair_min_similarity") if getattr(self, name) is None]
+        if unset and threshold is None:
+            raise ValueError(f"{unset} are null (use the scorer's threshold) but the CLIP scorer has no calibrated threshold")
+        return replace(self, **{name: threshold for name in unset})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,6 +177,8 @@ def filter_documents(
     report: FilterReport | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Kept documents (see module docstring); pass a :class:`FilterReport` to collect drops and rates."""
+    if config.min_similarity is None or config.pair_min_similarity is None:
+        raise ValueError("a similarity threshold is null: set it with FilterConfig.with_scorer_threshold first")
     report = report if report is not None else FilterReport(config)
     for document in documents:
         report.documents_in += 1

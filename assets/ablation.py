@@ -1,0 +1,86 @@
+"""The MMFS ablation (paper Tab. 6(a)) in the graph: per variant, packed sequences and a checkpoint (partitions of
+``ablation_variants``), then one report comparing the variants."""
+
+import dagster as dg
+
+from assets.evaluation import EvaluationSettings
+from assets.metadata import table
+from assets.packing import PackingSettings
+from assets.partitions import ablation_variants, single_run
+from assets.resources import Compute, Storage
+from assets.settings import stage_fields
+from assets.training import RUN_INPUTS
+from pipelines.data.clip_score import ClipScorerManifest
+from pipelines.data.downloaded_images import DownloadedShard
+from pipelines.data.filtered_documents import FilteredShard
+from pipelines.data.packed_sequences import PackedSequences, SequenceShards
+from pipelines.data.packing import PackingConfig
+from pipelines.data.recaptions import RecaptionedShard
+from pipelines.data.tokenizer import TokenizerManifest
+from pipelines.evaluation.ablation import AblationReport, ablation_report, pack_variants, train_variants
+from pipelines.evaluation.report import inline_images
+from pipelines.evaluation.run import EvaluationConfig
+from pipelines.sample_world.publish import PublishedWorld
+from pipelines.training.checkpoint import Checkpoint, ModelChoice
+from pipelines.training.train import TrainConfig
+
+EVERY_SHARD = dg.AssetIn(partition_mapping=dg.AllPartitionMapping())
+"""A variant's input from the data graph: all of its raw-shard partitions."""
+
+
+class AblationPackingSettings(PackingSettings):
+    """Packing shared by every variant; each variant's visual tokens replace ``num_image_tokens`` (``max_length``
+    needs room for two images of the largest variant)."""
+
+
+class AblationTrainingSettings(stage_fields(TrainConfig, exclude=(*RUN_INPUTS, "betas"))):
+    """Training shared by every variant (:class:`pipelines.training.train.TrainConfig`)."""
+
+    vae_steps: int = ModelChoice.vae_steps
+
+
+@dg.asset(group_name="ablation", partitions_def=ablation_variants, backfill_policy=single_run, kinds={"webdataset"},
+          ins={"filtered_documents": EVERY_SHARD, "downloaded_images": EVERY_SHARD, "recaptions": EVERY_SHARD})
+def ablation_sequences(
+    context: dg.AssetExecutionContext,
+    config: AblationPackingSettings,
+    storage: Storage,
+    tokenizer: TokenizerManifest,
+    filtered_documents: dict[str, FilteredShard],
+    downloaded_images: dict[str, DownloadedShard],
+    recaptions: dict[str, RecaptionedShard],
+) -> dict[str, PackedSequences]:
+    """The filtered documents packed for each variant's visual tokens."""
+    return pack_variants(context.partition_keys, filtered_documents, downloaded_images, recaptions, tokenizer,
+                         config.to(PackingConfig), config.to(SequenceShards), storage.layout, log=context.log.info)
+
+
+@dg.asset(group_name="ablation", partitions_def=ablation_variants, backfill_policy=single_run,
+          kinds={"pytorch", "deepspeed", "safetensors"})
+def ablation_checkpoints(context: dg.AssetExecutionContext, config: AblationTrainingSettings, storage: Storage,
+                         compute: Compute, tokenizer: TokenizerManifest,
+                         ablation_sequences: dict[str, PackedSequences]) -> dict[str, Checkpoint]:
+    """The ``tiny`` preset trained on each variant's sequences, MMFS on or off as the variant says."""
+    first = next(iter(ablation_sequences.values()))
+    training = config.to(TrainConfig, run_dir=str(storage.layout.path("checkpoints")), shards=first.path)
+    return train_variants(ablation_sequences, tokenizer, config.vae_steps, training, compute.get(), log=context.log.info)
+
+
+@dg.asset(group_name="ablation", kinds={"pytorch", "markdown"})
+def mmfs_ablation_report(
+    context: dg.AssetExecutionContext,
+    config: EvaluationSettings,
+    storage: Storage,
+    compute: Compute,
+    ablation_checkpoints: dict[str, Checkpoint],
+    sample_world: PublishedWorld,
+    clip_scorer: ClipScorerManifest,
+) -> dg.Output[AblationReport]:
+    """Paper Tab. 6(a) on the sample world: 32 visual tokens with MMFS vs 32 without vs 256 without, each packed,
+    trained and evaluated alike, in one report."""
+    report = ablation_report(ablation_checkpoints, sample_world, clip_scorer, config.to(EvaluationConfig),
+                             storage.layout.path("mmfs_ablation"), compute.get(), log=context.log.info)
+    metadata = {"report": dg.MetadataValue.md(inline_images(report.path, names=["tasks.png", "loss.png"])),
+                "seconds": table({k: f"{v:.0f} s" for k, v in report.seconds.items()}, ("variant", "evaluation")),
+                "path": dg.MetadataValue.path(report.path)}
+    return dg.Output(report, metadata=metadata, data_version=dg.DataVersion(report.version))

@@ -1,0 +1,95 @@
+"""The evaluation_report stage: the sample world's benchmarks on a checkpoint and on its untrained step-0 twin, side
+by side, with the CLIP score of generated images, the loss curve, example grids and the lineage (shards, filter
+thresholds, model config, commit)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.compute import Compute
+from pipelines.data.clip_score import ClipScorerManifest
+from pipelines.evaluation.report import write_report
+from pipelines.evaluation.run import EvaluationConfig, EvaluationResult, evaluate_checkpoint
+from pipelines.files import fingerprint
+from pipelines.sample_world.publish import PublishedWorld
+from pipelines.training.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+TRAINED, UNTRAINED = "trained", "untrained (step 0)"
+BASELINE_METRICS = (("captioning", "cider"), ("text_to_image", "attribute_accuracy"))
+"""The ``(task, metric)`` scores a trained checkpoint must beat its untrained twin on."""
+
+Scores = dict[str, dict[str, float]]
+"""``{task: {metric: value}}`` of one evaluated model."""
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """The written report and the scores in it."""
+
+    path: str
+    report: str
+    """``report.md``."""
+    scores: dict[str, Scores]
+    """Per compared model (:data:`TRAINED`, :data:`UNTRAINED`): its scores."""
+    checkpoint: str
+    step: int
+    clip_scorer: str
+    """The kind of scorer that gave the CLIP scores."""
+    config: EvaluationConfig
+    seconds: float = 0.0
+
+    @property
+    def version(self) -> str:
+        return fingerprint(self.path, self.scores)
+
+
+def baseline_comparison(report: EvaluationReport) -> dict[str, tuple[float, float]]:
+    """``"task/metric" -> (trained, untrained)`` for the :data:`BASELINE_METRICS` the report has."""
+    trained, untrained = report.scores[TRAINED], report.scores[UNTRAINED]
+    return {f"{task}/{metric}": (trained[task][metric], untrained[task][metric])
+            for task, metric in BASELINE_METRICS if task in trained}
+
+
+def beats_baseline(report: EvaluationReport) -> bool:
+    """Whether the trained checkpoint scores above its untrained twin on every compared metric (and there is one)."""
+    pairs = baseline_comparison(report)
+    return bool(pairs) and all(trained > untrained for trained, untrained in pairs.values())
+
+
+def report_against_baseline(checkpoint: Checkpoint, world: PublishedWorld, scorer: ClipScorerManifest,
+                            config: EvaluationConfig, out_root: Path, compute: Compute = Compute(),
+                            log: Callable[[str], None] = logger.info) -> EvaluationReport:
+    """Evaluate the checkpoint and its untrained twin on ``world``'s eval splits and write the report into
+    ``out_root/<fingerprint of the inputs>/``."""
+    loaded = scorer.load(compute)
+    results: dict[str, EvaluationResult] = {}
+    for label, model_dir in ((TRAINED, checkpoint.model_dir), (UNTRAINED, checkpoint.untrained_model_dir)):
+        log(f"evaluating {label}: {model_dir}")
+        results[label] = evaluate_checkpoint(model_dir, world.eval_dir, config, world=world.world, clip_scorer=loaded,
+                                             compute=compute)
+        log(f"{label}: {results[label].metrics()} in {results[label].seconds:.0f} s")
+    lineage = {
+        "checkpoint": checkpoint.checkpoint,
+        "step": checkpoint.step,
+        "training shards": checkpoint.shards.path,
+        "shards data version": checkpoint.shards.data_version,
+        "shard files (sha256)": checkpoint.shards.files,
+        "filter thresholds": checkpoint.filter_thresholds,
+        "packing": dataclasses.asdict(checkpoint.packing),
+        "model config hash": checkpoint.model_config_hash,
+        "git commit": checkpoint.git_commit,
+        "clip scorer": f"{scorer.kind} ({scorer.location})",
+        "eval split": world.eval_dir,
+    }
+    out = out_root / fingerprint(checkpoint.version, dataclasses.asdict(config), scorer.version)
+    write_report(out, results, training={TRAINED: checkpoint.metrics()}, lineage=lineage,
+                 title=f"MM-Interleaved evaluation: step {checkpoint.step} vs untrained", examples_of=[TRAINED])
+    return EvaluationReport(str(out), str(out / "report.md"), {label: r.metrics() for label, r in results.items()},
+                            checkpoint.checkpoint, checkpoint.step, scorer.kind, config,
+                            sum(r.seconds for r in results.values()))
