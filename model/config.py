@@ -125,6 +125,9 @@ class LanguageConfig:
             raise ValueError("cross_attention_frequency must be >= 0")
 
 
+CONDITION_LAYERS = ("last", "all")
+
+
 @dataclass
 class DecoderConfig:
     """Diffusion image decoder: UNet + VAE + scheduler, a condition resampler and MMFS blocks."""
@@ -134,8 +137,14 @@ class DecoderConfig:
     unet_config: dict[str, Any] | None = None
     vae_config: dict[str, Any] | None = None
     scheduler_config: dict[str, Any] | None = None
-    condition: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(num_queries=77, num_layers=1))
-    """Maps LLM hidden states (document start .. ``<BoI>``) to the UNet's condition tokens."""
+    condition: ResamplerConfig | None = field(default_factory=lambda: ResamplerConfig(num_queries=77, num_layers=1))
+    """Maps LLM hidden states (document start .. ``<BoI>``) to the UNet's condition tokens (the paper: a
+    1-layer Q-Former with 77 queries); ``None``: one condition token per context token
+    (:mod:`model.condition`)."""
+    condition_layers: str = "last"
+    """LLM states the condition reads: ``"last"`` (the final normalised hidden states, the paper) or ``"all"``
+    (a learned mix of the embeddings and every layer's output; for LLMs trained from scratch, whose last
+    layer drops what next-token prediction no longer needs)."""
     mmfs: MMFSConfig | None = field(default_factory=lambda: MMFSConfig(offset_init=1.0))
     """MMFS on every down-block skip connection and the mid block; ``None``: no MMFS."""
     feature_levels: tuple[int, ...] = (0, 1, 2, 3)
@@ -150,6 +159,8 @@ class DecoderConfig:
         if isinstance(self.mmfs, dict):
             self.mmfs = MMFSConfig(**self.mmfs)
         self.feature_levels = tuple(int(i) for i in self.feature_levels)
+        if self.condition_layers not in CONDITION_LAYERS:
+            raise ValueError(f"decoder.condition_layers must be one of {CONDITION_LAYERS}, got {self.condition_layers!r}")
         if self.diffusion_path is None and (self.unet_config is None or self.vae_config is None):
             raise ValueError("DecoderConfig needs diffusion_path or both unet_config and vae_config")
         if not 0.0 <= self.condition_dropout < 1.0:
@@ -260,7 +271,8 @@ class MMInterleavedConfig:
                 unet_config=unet,
                 vae_config=vae,
                 scheduler_config=scheduler,
-                condition=ResamplerConfig(num_queries=16, hidden_size=32, num_layers=1, num_heads=2, mlp_ratio=2.0),
+                condition=None,  # per-token over every layer: see model.condition for what the 16-query resampler cost
+                condition_layers="all",
                 mmfs=MMFSConfig(offset_init=0.5, **mmfs_small) if mmfs else None,
             ),
         )

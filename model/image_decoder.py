@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
+from model.condition import Condition, LayerMix, build_condition_encoder
 from model.config import DecoderConfig, MMFSConfig
-from model.mmfs import MMFS, ImageFeatures, grid_reference_points, sincos_1d, sincos_2d
-from model.resampler import PerceiverResampler
+from model.mmfs import MMFS, ImageFeatures, grid_reference_points, sincos_2d
 
 
 @dataclass
@@ -110,9 +110,12 @@ class ImageDecoder(nn.Module):
         llm_hidden_size: width of the LLM hidden states used as condition.
         feature_dim: channels of the image feature maps (vision pyramid).
         num_levels: pyramid levels the MMFS blocks sample.
+        num_llm_states: LLM states per token the condition reads (``condition_layers="all"``: the embeddings
+            and every layer's output; ``"last"``: 1).
     """
 
-    def __init__(self, config: DecoderConfig, llm_hidden_size: int, feature_dim: int, num_levels: int) -> None:
+    def __init__(self, config: DecoderConfig, llm_hidden_size: int, feature_dim: int, num_levels: int,
+                 num_llm_states: int = 1) -> None:
         super().__init__()
         self.config = config
         self.unet, self.vae, self.scheduler_config = load_diffusion_components(config)
@@ -121,8 +124,9 @@ class ImageDecoder(nn.Module):
             self.unet.requires_grad_(False)
         self.train_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         cross_dim = self.unet.config.cross_attention_dim
-        self.condition = PerceiverResampler(config.condition, llm_hidden_size, cross_dim)
-        self.negative_condition = nn.Parameter(torch.randn(config.condition.num_queries, cross_dim) * 0.02)
+        self.layer_mix = LayerMix(num_llm_states) if config.condition_layers == "all" else None
+        self.condition = build_condition_encoder(config, llm_hidden_size, cross_dim)
+        self.negative_condition = nn.Parameter(torch.randn(self.condition.num_negative_tokens, cross_dim) * 0.02)
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_size = (self.unet.config.sample_size * self.latent_scale,) * 2
         self._context: DecoderContext | None = None
@@ -171,11 +175,16 @@ class ImageDecoder(nn.Module):
             self._context = None
 
     # condition ------------------------------------------------------------------------------
-    def encode_condition(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """LLM hidden states ``(N, W, D)`` with validity ``mask (N, W)`` -> condition ``(N, Q, cross_dim)``."""
-        positions = torch.arange(hidden.shape[1], device=hidden.device)
-        embedding = sincos_1d(positions, self.config.condition.hidden_size)[None]
-        return self.condition(hidden, mask, embedding)
+    def encode_condition(self, states: Tensor, mask: Tensor) -> Condition:
+        """LLM states ``(N, W, S, D)`` (S per token: see ``num_llm_states``) with validity ``mask (N, W)``
+        -> the UNet's condition tokens."""
+        hidden = states[:, :, -1] if self.layer_mix is None else self.layer_mix(states)
+        return self.condition(hidden, mask)
+
+    def negative(self, n: int) -> Condition:
+        """The learned unconditional condition (classifier-free guidance), for ``n`` items."""
+        tokens = self.negative_condition.expand(n, -1, -1)
+        return Condition(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
 
     # latents --------------------------------------------------------------------------------
     def encode_images(self, images: Tensor) -> Tensor:
@@ -188,12 +197,13 @@ class ImageDecoder(nn.Module):
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images + 1) / 2).clamp(0, 1)
 
-    def unet_forward(self, latents: Tensor, timesteps: Tensor, condition: Tensor, context: DecoderContext | None) -> Tensor:
+    def unet_forward(self, latents: Tensor, timesteps: Tensor, condition: Condition, context: DecoderContext | None) -> Tensor:
         with self._mmfs_context(context):
-            return self.unet(latents, timesteps, encoder_hidden_states=condition).sample
+            return self.unet(latents, timesteps, encoder_hidden_states=condition.tokens.to(latents.dtype),
+                             encoder_attention_mask=condition.mask).sample
 
     # training -------------------------------------------------------------------------------
-    def loss(self, images: Tensor, condition: Tensor, context: DecoderContext | None) -> Tensor:
+    def loss(self, images: Tensor, condition: Condition, context: DecoderContext | None) -> Tensor:
         """Per-image diffusion loss ``(N,)`` for ``images (N, 3, H, W)`` in ``[0, 1]``."""
         # 1. latents, noise, timesteps
         latents = self.encode_images(images)
@@ -202,8 +212,8 @@ class ImageDecoder(nn.Module):
         noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
         # 2. classifier-free guidance dropout
         if self.training and self.config.condition_dropout > 0:
-            drop = torch.rand(condition.shape[0], device=condition.device) < self.config.condition_dropout
-            condition = torch.where(drop[:, None, None], self.negative_condition.to(condition.dtype), condition)
+            drop = torch.rand(len(condition), device=latents.device) < self.config.condition_dropout
+            condition = condition.where(drop, self.negative(len(condition)))
         # 3. noise prediction
         prediction = self.unet_forward(noisy, timesteps, condition, context)
         if self.train_scheduler.config.prediction_type == "v_prediction":
@@ -216,7 +226,7 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def sample(
         self,
-        condition: Tensor,
+        condition: Condition,
         context: DecoderContext | None,
         guidance_scale: float = 7.5,
         num_inference_steps: int = 30,
@@ -228,7 +238,7 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def sample_latents(
         self,
-        condition: Tensor,
+        condition: Condition,
         context: DecoderContext | None,
         guidance_scale: float = 7.5,
         num_inference_steps: int = 30,
@@ -236,14 +246,15 @@ class ImageDecoder(nn.Module):
     ) -> Tensor:
         """The DDIM loop of :meth:`sample`: scaled latents ``(N, C, h, w)``, never clipped."""
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(num_inference_steps, device=condition.device)
-        n = condition.shape[0]
+        tokens = condition.tokens
+        scheduler.set_timesteps(num_inference_steps, device=tokens.device)
+        n = len(condition)
         shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        latents = torch.randn(shape, generator=generator, device=condition.device, dtype=condition.dtype)
+        latents = torch.randn(shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
         latents = latents * scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
         if guided:
-            condition = torch.cat([self.negative_condition.to(condition.dtype).expand(n, -1, -1), condition])
+            condition = Condition.cat([self.negative(n), condition])
             context = None if context is None else context.repeat(2)
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)

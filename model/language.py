@@ -74,11 +74,14 @@ class LanguageModelOutput:
     logits: ``(B, T, V)`` over the tokenizer's vocabulary (new tokens included).
     hidden_states: ``(B, T, D)`` final (normalised) hidden states.
     past_key_values: the LLM's cache when ``use_cache``.
+    layer_states: ``(B, T, L + 1, D)``, the input embeddings and every layer's output (the last one
+        normalised), when ``output_layer_states``.
     """
 
     logits: Tensor
     hidden_states: Tensor
     past_key_values: object | None = None
+    layer_states: Tensor | None = None
 
 
 def decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
@@ -195,6 +198,7 @@ class MMFSLanguageModel(nn.Module):
         context: MMFSContext | None = None,
         past_key_values: object | None = None,
         use_cache: bool = False,
+        output_layer_states: bool = False,
     ) -> LanguageModelOutput:
         """
         Args:
@@ -211,10 +215,13 @@ class MMFSLanguageModel(nn.Module):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            output_hidden_states=output_layer_states,
             **kwargs,
         )
         hidden = out.last_hidden_state
-        return LanguageModelOutput(logits=self.logits(hidden), hidden_states=hidden, past_key_values=out.past_key_values)
+        layers = torch.stack(out.hidden_states, dim=2) if output_layer_states else None
+        return LanguageModelOutput(logits=self.logits(hidden), hidden_states=hidden, past_key_values=out.past_key_values,
+                                   layer_states=layers)
 
 
 def document_causal_mask(

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 from model.batch import ImageLayout, InterleavedBatch, encode_document, tensor_to_image
 from model.config import LanguageConfig, MMInterleavedConfig
 from model.image_decoder import DecoderContext, ImageDecoder
-from model.language import MMFSContext, MMFSLanguageModel, document_causal_mask, positions_in_document
+from model.language import LanguageModelOutput, MMFSContext, MMFSLanguageModel, document_causal_mask, positions_in_document
 from model.mmfs import ImageFeatures, flatten_feature_maps, visibility_and_relative_position
 from model.tokenizer import add_multimodal_tokens
 from model.vision import ImageTokenizer, VisionOutput
@@ -98,7 +98,8 @@ class MMInterleaved(nn.Module):
             [self.boi_token_id, self.image_token_id],
             vocab_size,
         )
-        self.decoder = ImageDecoder(config.decoder, hidden_size, feature_dim, len(config.decoder.feature_levels))
+        num_llm_states = llm.config.num_hidden_layers + 1 if config.decoder.condition_layers == "all" else 1
+        self.decoder = ImageDecoder(config.decoder, hidden_size, feature_dim, len(config.decoder.feature_levels), num_llm_states)
 
     @classmethod
     def from_config(cls, config: MMInterleavedConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> "MMInterleaved":
@@ -180,8 +181,13 @@ class MMInterleaved(nn.Module):
         f = row_features
         return DecoderContext(ImageFeatures(f.values[rows], f.spatial_shapes, f.level_start_index), visible, relative)
 
+    def _condition_states(self, lm: LanguageModelOutput) -> Tensor:
+        """The LLM states the decoder's condition reads: ``(B, T, S, D)``."""
+        return lm.hidden_states[:, :, None] if lm.layer_states is None else lm.layer_states
+
     def _condition_inputs(self, hidden: Tensor, document_ids: Tensor, layout: ImageLayout, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Hidden states from each target image's document start to its ``<BoI>``: ``(N, W, D)`` + mask ``(N, W)``."""
+        """States ``hidden (B, T, ...)`` from each target image's document start to its ``<BoI>``:
+        ``(N, W, ...)`` + mask ``(N, W)``."""
         t = document_ids.shape[1]
         starts = torch.arange(t, device=hidden.device) - positions_in_document(document_ids)
         rows, boi = layout.row[targets], layout.boi_position[targets]
@@ -231,7 +237,8 @@ class MMInterleaved(nn.Module):
         positions = torch.arange(t, device=ids.device).expand(b, t)
         embeds = self._embed(ids, layout, vision)
         mask = document_causal_mask(docs, positions, docs, positions, embeds.dtype)
-        lm = self.language(embeds, mask, positions_in_document(docs), self._llm_context(docs, positions, layout, vision))
+        lm = self.language(embeds, mask, positions_in_document(docs), self._llm_context(docs, positions, layout, vision),
+                           output_layer_states=self.decoder.layer_mix is not None)
 
         # 3. text loss
         targets = self._text_targets(batch)
@@ -244,7 +251,7 @@ class MMInterleaved(nn.Module):
             targets_k = self._image_has_context(batch, layout).nonzero(as_tuple=True)[0]
             trained = int(targets_k.numel())
             if trained:
-                hidden, hidden_mask = self._condition_inputs(lm.hidden_states, docs, layout, targets_k)
+                hidden, hidden_mask = self._condition_inputs(self._condition_states(lm), docs, layout, targets_k)
                 condition = self.decoder.encode_condition(hidden, hidden_mask)
                 context = self._decoder_context(vision, layout, targets_k)
                 image_loss = self.decoder.loss(batch.images[targets_k], condition, context).mean()
@@ -426,15 +433,16 @@ class _GenerationState:
         new_positions = positions[:, start:]
         mask = document_causal_mask(docs[:, start:], new_positions, docs, positions, embeds.dtype)
         context = model._llm_context(docs[:, start:], new_positions, layout, vision)
-        out = model.language(embeds, mask, new_positions, context, past_key_values=self.cache, use_cache=True)
+        out = model.language(embeds, mask, new_positions, context, past_key_values=self.cache, use_cache=True,
+                             output_layer_states=model.decoder.layer_mix is not None)
         self.cache = out.past_key_values
-        self.hidden.append(out.hidden_states)
+        self.hidden.append(model._condition_states(out))
         return out.logits[0, -1]
 
     def generate_image(self, guidance_scale: float, steps: int, generator: torch.Generator | None) -> Tensor:
         """Sample the image of the last ``<BoI>`` (which has been fed): ``(3, H, W)``."""
         model = self.model
-        hidden = torch.cat(self.hidden, dim=1)  # (1, T, D), the whole document so far
+        hidden = torch.cat(self.hidden, dim=1)  # (1, T, S, D), the whole document so far
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         condition = model.decoder.encode_condition(hidden, mask)
         levels = model.config.decoder.feature_levels

@@ -1,9 +1,12 @@
 """Image tokenizer and image decoder on their own."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from model.config import MMInterleavedConfig
+from model.condition import Condition, LayerMix
+from model.config import MMInterleavedConfig, ResamplerConfig
 from model.image_decoder import DecoderContext, ImageDecoder
 from model.mmfs import ImageFeatures, flatten_feature_maps
 from model.vision import ImageTokenizer
@@ -42,7 +45,7 @@ def test_decoder_mmfs_is_zero_at_init_and_live_after_the_zero_convs_move(config)
     assert len(decoder.skip_mmfs) == 3  # resnet + downsampler of block 0, resnet of block 1
     latents = torch.randn(2, 4, 16, 16)
     t = torch.tensor([10, 500])
-    condition = torch.randn(2, 16, 32)
+    condition = Condition(torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool))
     context = context_for(2, 2)
     with torch.no_grad():
         plain = decoder.unet_forward(latents, t, condition, None)
@@ -60,14 +63,48 @@ def test_decoder_mmfs_is_zero_at_init_and_live_after_the_zero_convs_move(config)
 def test_decoder_loss_and_sampling(config):
     torch.manual_seed(0)
     decoder = ImageDecoder(config.decoder, llm_hidden_size=64, feature_dim=32, num_levels=4).train()
-    condition = decoder.encode_condition(torch.randn(2, 7, 64), torch.tensor([[True] * 7, [True] * 3 + [False] * 4]))
-    assert condition.shape == (2, 16, 32)
+    condition = decoder.encode_condition(torch.randn(2, 7, 1, 64), torch.tensor([[True] * 7, [True] * 3 + [False] * 4]))
+    assert condition.tokens.shape == (2, 7, 32) and condition.mask.sum(1).tolist() == [7, 3]
     loss = decoder.loss(torch.rand(2, 3, 32, 32), condition, context_for(2, 1))
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     loss.mean().backward()
-    assert decoder.condition.queries.grad.abs().sum() > 0 and decoder.unet.conv_in.weight.grad.abs().sum() > 0
+    assert decoder.condition.project.weight.grad.abs().sum() > 0 and decoder.unet.conv_in.weight.grad.abs().sum() > 0
     images = decoder.sample(condition.detach(), context_for(2, 1), guidance_scale=2.0, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+def test_padding_a_per_token_condition_changes_nothing(config):
+    """Per-token conditions of different widths are padded into one batch; the mask keeps the padding unseen."""
+    torch.manual_seed(0)
+    decoder = ImageDecoder(config.decoder, llm_hidden_size=64, feature_dim=32, num_levels=4).eval()
+    condition = decoder.encode_condition(torch.randn(1, 5, 1, 64), torch.ones(1, 5, dtype=torch.bool))
+    padded = Condition.cat([condition, decoder.encode_condition(torch.randn(1, 9, 1, 64), torch.ones(1, 9, dtype=torch.bool))])
+    latents, t = torch.randn(1, 4, 16, 16), torch.tensor([300])
+    with torch.no_grad():
+        alone = decoder.unet_forward(latents, t, condition, None)
+        in_batch = decoder.unet_forward(latents.repeat(2, 1, 1, 1), t.repeat(2), padded, None)[:1]
+    torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_resampled_condition_gives_a_fixed_number_of_tokens_from_the_last_layer(config):
+    """The paper's condition: a Q-Former-style resampler over the last layer's states."""
+    paper_style = dataclasses.replace(config.decoder, condition=ResamplerConfig(num_queries=7, hidden_size=32, num_layers=1, num_heads=2),
+                                      condition_layers="last")
+    decoder = ImageDecoder(paper_style, llm_hidden_size=64, feature_dim=32, num_levels=4)
+    assert decoder.layer_mix is None and decoder.negative_condition.shape == (7, 32)
+    condition = decoder.encode_condition(torch.randn(3, 6, 1, 64), torch.ones(3, 6, dtype=torch.bool))
+    assert condition.tokens.shape == (3, 7, 32) and condition.mask.all()
+    loss = decoder.loss(torch.rand(3, 3, 32, 32), condition, None)
+    assert loss.shape == (3,) and torch.isfinite(loss).all()
+
+
+def test_layer_mix_starts_as_the_mean_of_normalised_states():
+    mix = LayerMix(3)
+    states = torch.randn(2, 4, 3, 8) * torch.tensor([0.02, 1.0, 30.0])[None, None, :, None]
+    normed = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(mix(states), normed.mean(2))
+    with pytest.raises(ValueError, match="expects 3 states"):
+        mix(states[:, :, :2])
 
 
 def test_fit_vae_learns_to_reconstruct_and_scales_latents_to_unit_variance(config):
@@ -100,7 +137,7 @@ def test_sampling_never_clips_latents(config):
     with torch.no_grad():
         decoder.unet.conv_out.weight.zero_()
         decoder.unet.conv_out.bias.zero_()
-    condition = decoder.encode_condition(torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool))
+    condition = decoder.encode_condition(torch.randn(2, 5, 1, 64), torch.ones(2, 5, dtype=torch.bool))
     latents = decoder.sample_latents(condition, context_for(2, 1), guidance_scale=1.0, num_inference_steps=5,
                                      generator=torch.Generator().manual_seed(0))
     assert latents.abs().max() > 5

@@ -48,7 +48,8 @@ def test_forward_backward_reaches_mmfs_resampler_and_unet(model):
         "language.mmfs_blocks.2.mmfs.sampling_offsets.bias",
         "vision.resampler.queries",
         "vision.pyramid.1.project.0.weight",  # level 0 feeds only the (zero-init) UNet MMFS,
-        "decoder.condition.queries",
+        "decoder.condition.project.weight",
+        "decoder.layer_mix.logits",
         "decoder.unet.conv_in.weight",
         "decoder.skip_mmfs.0.zero_conv.weight",
         "decoder.mid_mmfs.zero_conv.weight",
@@ -200,7 +201,7 @@ def small_trainable_parts(config):
     config.vision.resampler = dataclasses.replace(small.vision.resampler, num_queries=config.vision.resampler.num_queries)
     config.language.mmfs = dataclasses.replace(config.language.mmfs, hidden_size=64)
     config.decoder.mmfs = dataclasses.replace(config.decoder.mmfs, hidden_size=64)
-    config.decoder.condition = dataclasses.replace(small.decoder.condition, num_queries=77)
+    config.decoder.condition = dataclasses.replace(config.decoder.condition, hidden_size=32, num_heads=2, mlp_ratio=2.0)
     return config
 
 
