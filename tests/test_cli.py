@@ -73,7 +73,7 @@ def test_eval_reads_the_world_beside_its_splits_and_writes_a_report(run_dir, tmp
                  "--tasks", "captioning", "text_to_image", "--limit", "2", "--steps", "2",
                  "--clip-scorer", str(tmp_path / "clip")]) == 0
     (result,) = json.loads((out / "results.json").read_text())["results"].values()
-    assert result["step"] == 2 and [t["task"] for t in result["tasks"]] == ["captioning", "text_to_image"]
+    assert result["step"] == 2 and [t["task"] for t in result["tasks"]] == ["captioning", "text_to_image", "vae_ceiling"]
     assert result["clip"]["count"] == 2 and result["fid"]["label"] == "FID (clip features, not comparable to FID)"
     assert "captioning" in (out / "report.md").read_text()
 

@@ -15,7 +15,7 @@ from pipelines.data.clip_score import ClipScorer
 from pipelines.data.tokenizer import train_tokenizer
 from pipelines.evaluation.clip_similarity import clip_score
 from pipelines.evaluation.report import inline_images, write_report
-from pipelines.evaluation.run import EvaluationConfig, evaluate_checkpoint, world_image_loader, written_world_config
+from pipelines.evaluation.run import VAE_CEILING, EvaluationConfig, evaluate_checkpoint, world_image_loader, written_world_config
 from pipelines.evaluation.sample_world_tasks import TASKS
 from pipelines.lineage import git_commit
 from pipelines.sample_world import WorldConfig, generate_world, render, write_metadata
@@ -47,15 +47,19 @@ def result(setup):
 
 
 def test_every_task_is_scored_with_a_labelled_clip_score(result):
-    assert [t.task for t in result.tasks] == list(TASKS)
-    assert all(t.count == 1 and t.examples for t in result.tasks)
+    expected = [*TASKS[:TASKS.index("text_to_image") + 1], VAE_CEILING, *TASKS[TASKS.index("text_to_image") + 1:]]
+    assert [t.task for t in result.tasks] == expected
+    assert all(t.count == 1 and (t.examples or t.task == VAE_CEILING) for t in result.tasks)
+    ceiling = next(t for t in result.tasks if t.task == VAE_CEILING).metrics
+    assert 0.0 <= ceiling["attribute_accuracy"] <= 1.0 and ceiling["rendered"] > 0.5  # the parser reads 32-px renderings
     assert result.step is None  # a model folder outside a training run
     assert result.clip is not None and result.clip.count == 1 and result.clip.scorer == "sample_world_tiny_clip"
     assert 0.0 <= result.clip.clip_score <= 100.0 and result.clip.reference_clip_score is not None
     assert result.fid is None  # one image per task: no covariance to compare
     data = json.loads(json.dumps(result.to_dict()))
     assert data["tasks"][0]["examples"][0]["prompt"] == ["<image>"]
-    assert set(result.metrics()) == {*TASKS, "clip_score"}
+    assert set(result.metrics()) == {*TASKS, VAE_CEILING, "clip_score"}
+    assert all(e.low <= e.value <= e.high for metrics in result.estimates().values() for e in metrics.values())
 
 
 def test_sampling_is_seeded(setup, result):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipelines.evaluation.scenes import attribute_accuracy, scene_miou, segmentation_miou
-from pipelines.sample_world import Scene, Shape, parse_image, render
+from pipelines.evaluation.scenes import attribute_accuracy, object_miou, scene_miou, score_scene, segmentation_miou
+from pipelines.sample_world import Glyph, Scene, Shape, parse_image, render
 
 TARGET = Scene(objects=(Shape("circle", "red", "large", 0, 0), Shape("square", "blue", "small", 2, 2)))
 
@@ -38,3 +38,27 @@ def test_scene_miou_falls_when_an_object_moves():
     moved = Scene(objects=(Shape("circle", "red", "large", 1, 1), TARGET.objects[1]))
     assert scene_miou(TARGET, TARGET) == 1.0
     assert scene_miou(moved, TARGET) < 0.8
+
+
+def test_objects_drawn_where_the_target_has_none_count_as_wrong():
+    """A canvas cluttered with blobs must not score: every blob in an empty cell is four wrong facts."""
+    clutter = Scene(objects=tuple(Shape("circle", "red", "large", r, c) for r in range(3) for c in range(3)))
+    score = score_scene(clutter, TARGET)
+    assert score.extra_objects == 7
+    # right: the red circle (4 facts) and the blue square's position (1); asked: 4 x (2 targets + 7 extra)
+    assert score.accuracy == pytest.approx(5 / 36)
+    assert score.attributes == {"position": 1.0, "colour": 0.5, "shape": 0.5, "size": 0.5, "digit": None}
+
+
+def test_breakdown_by_attribute_and_digit():
+    target = Scene(objects=TARGET.objects, glyph=Glyph(7, 1, 1))
+    wrong_digit = Scene(objects=(Shape("circle", "red", "small", 0, 0),), glyph=Glyph(3, 1, 1))
+    score = score_scene(wrong_digit, target)
+    assert score.attributes == {"position": 0.5, "colour": 0.5, "shape": 0.5, "size": 0.0, "digit": 0.0}
+    assert score_scene(target, target).attributes["digit"] == 1.0
+
+
+def test_object_miou_leaves_the_background_out():
+    blank = Scene(objects=())
+    assert object_miou(blank, TARGET) == 0.0 and scene_miou(blank, TARGET) > 0.25  # the background alone scores
+    assert object_miou(TARGET, TARGET) == 1.0 and object_miou(blank, blank) == 1.0

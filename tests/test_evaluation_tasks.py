@@ -45,7 +45,11 @@ class Oracle:
 def test_oracle_text_to_image_scores_one(world_dir):
     world, eval_dir = world_dir
     result = evaluate_task("text_to_image", Oracle(eval_dir), eval_dir, image_for(world))
-    assert result.metrics == {"attribute_accuracy": 1.0} and result.count == 3
+    assert result.metrics["attribute_accuracy"] == 1.0 and result.count == 3
+    assert all(result.metrics[a] == 1.0 for a in ("position", "colour", "shape", "size")) and result.metrics["extra_objects"] == 0
+    # the floor: the same perfect images scored against other items' targets
+    assert result.metrics["attribute_accuracy_floor"] < 0.5
+    assert set(result.estimates()) == set(result.scores) and len(result.scores["attribute_accuracy"]) == 3
 
 
 def test_captioning_scores_reference_captions_perfectly(world_dir):

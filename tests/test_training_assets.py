@@ -18,6 +18,7 @@ from pipelines.data.packing import PackingConfig, PackingStats, pack_documents
 from pipelines.data.shards import write_shards
 from pipelines.data.tokenizer import TokenizerManifest
 from pipelines.evaluation.evaluation_report import EvaluationReport, TRAINED, UNTRAINED
+from pipelines.evaluation.intervals import Estimate
 from pipelines.evaluation.run import EvaluationConfig
 from pipelines.files import fingerprint
 from pipelines.sample_world import generate_world
@@ -92,27 +93,36 @@ def test_report_compares_with_the_untrained_baseline(graph):
     (evaluation,) = result.get_asset_check_evaluations()
     assert evaluation.check_name == "evaluation_report_beats_untrained"
     trained, untrained = manifest.scores[TRAINED], manifest.scores[UNTRAINED]
-    beats = (trained["captioning"]["cider"] > untrained["captioning"]["cider"]
-             and trained["text_to_image"]["attribute_accuracy"] > untrained["text_to_image"]["attribute_accuracy"])
+    beats = all(trained[task][metric].low > untrained[task][metric].high
+                for task, metric in (("captioning", "cider"), ("text_to_image", "attribute_accuracy"),
+                                     ("story_continuation", "attribute_accuracy")))
     assert evaluation.passed == beats  # two training steps decide nothing: the check reports what the scores say
-    assert f"trained {trained['captioning']['cider']:.3f}" in evaluation.metadata["scores"].value
+    assert f"trained {trained['captioning']['cider']}" in evaluation.metadata["scores"].value
+    assert "captioning/cider low" in metadata and "captioning/cider high" in metadata
 
 
 def _report(trained: dict, untrained: dict) -> EvaluationReport:
-    return EvaluationReport("r", "r/report.md", {TRAINED: trained, UNTRAINED: untrained}, "c", 500,
-                            "sample_world_tiny_clip", EvaluationConfig())
+    def estimates(scores):  # "value±half" -> an Estimate with that interval
+        return {task: {m: Estimate(v, v - h, v + h, 40) for m, (v, h) in metrics.items()} for task, metrics in scores.items()}
+
+    return EvaluationReport("r", "r/report.md", {TRAINED: estimates(trained), UNTRAINED: estimates(untrained)}, "c",
+                            500, "sample_world_tiny_clip", EvaluationConfig())
+
+
+def _tasks(cider, t2i, story):
+    return {"captioning": {"cider": cider}, "text_to_image": {"attribute_accuracy": t2i},
+            "story_continuation": {"attribute_accuracy": story}}
 
 
 @pytest.mark.parametrize(("trained", "untrained", "passed"), [
-    ({"captioning": {"cider": 0.9}, "text_to_image": {"attribute_accuracy": 0.1}},
-     {"captioning": {"cider": 0.0}, "text_to_image": {"attribute_accuracy": 0.0}}, True),
-    ({"captioning": {"cider": 0.9}, "text_to_image": {"attribute_accuracy": 0.0}},
-     {"captioning": {"cider": 0.0}, "text_to_image": {"attribute_accuracy": 0.0}}, False),  # a tie is no win
-    ({"captioning": {"cider": 0.0}, "text_to_image": {"attribute_accuracy": 0.5}},
-     {"captioning": {"cider": 0.1}, "text_to_image": {"attribute_accuracy": 0.0}}, False),
-    ({"vqa": {"accuracy": 1.0}}, {"vqa": {"accuracy": 0.0}}, False),  # nothing it compares on: no pass
+    (_tasks((0.9, 0.1), (0.3, 0.05), (0.3, 0.05)), _tasks((0.0, 0.0), (0.1, 0.05), (0.1, 0.05)), True),
+    (_tasks((0.9, 0.1), (0.3, 0.05), (0.3, 0.15)), _tasks((0.0, 0.0), (0.1, 0.05), (0.1, 0.1)), False),  # overlap
+    (_tasks((0.9, 0.1), (0.1, 0.05), (0.3, 0.05)), _tasks((0.0, 0.0), (0.1, 0.05), (0.1, 0.05)), False),  # a tie
+    (_tasks((0.0, 0.0), (0.5, 0.05), (0.5, 0.05)), _tasks((0.1, 0.0), (0.0, 0.0), (0.0, 0.0)), False),  # one loss
+    ({"vqa": {"accuracy": (1.0, 0.0)}}, {"vqa": {"accuracy": (0.0, 0.0)}}, False),  # nothing it compares on: no pass
 ])
-def test_beats_untrained_check_passes_only_when_every_compared_score_is_higher(trained, untrained, passed):
+def test_beats_untrained_check_passes_only_when_every_compared_score_is_higher_outside_the_intervals(trained, untrained,
+                                                                                                 passed):
     result = evaluation_report_beats_untrained(evaluation_report=_report(trained, untrained))
     assert result.passed is passed
 

@@ -27,6 +27,7 @@ from pipelines.data.packed_sequences import PackedSequences, SequenceShards, pac
 from pipelines.data.packing import PackingConfig
 from pipelines.data.recaptions import RecaptionedShard
 from pipelines.data.tokenizer import TokenizerManifest
+from pipelines.evaluation.intervals import Estimate
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.run import EvaluationConfig, EvaluationResult, evaluate_checkpoint
 from pipelines.files import fingerprint
@@ -62,8 +63,8 @@ VARIANTS = {v.key: v for v in PAPER_VARIANTS}
 class AblationReport:
     path: str
     """The report folder (``report.md``, ``results.json``, plots)."""
-    scores: dict[str, dict[str, dict[str, float]]]
-    """Per variant name: ``{task: {metric: value}}``."""
+    scores: dict[str, dict[str, dict[str, Estimate]]]
+    """Per variant name: ``{task: {metric: mean with its 95% interval}}``."""
     seconds: dict[str, float]
     """Per variant: evaluation time."""
 
@@ -120,4 +121,4 @@ def ablation_report(checkpoints: Mapping[str, Checkpoint], world: PublishedWorld
     out = out_root / fingerprint([c.version for c in checkpoints.values()], dataclasses.asdict(config), scorer.version)
     write_report(out, results, training={v.name: c.metrics() for v, c in zip(variants, checkpoints.values())},
                  lineage=lineage, title="MMFS ablation (paper Tab. 6(a)) on the sample world")
-    return AblationReport(str(out), {name: r.metrics() for name, r in results.items()}, seconds)
+    return AblationReport(str(out), {name: r.estimates() for name, r in results.items()}, seconds)

@@ -30,7 +30,7 @@ from pipelines.compute import Compute
 from pipelines.evaluation.cider import cider_d
 from pipelines.evaluation.run import EvaluationConfig, EvaluationResult, generation_arguments, load_for_evaluation
 from pipelines.evaluation.sample_world_tasks import TaskResult
-from pipelines.evaluation.vqa import mean_vqa_accuracy
+from pipelines.evaluation.vqa import mean_vqa_accuracy, vqa_accuracy
 
 DEFAULT_VQA_PROMPT = "{question} Answer:"
 BENCHMARKS = ("coco", "vqav2", "okvqa", "textvqa")
@@ -150,7 +150,7 @@ def evaluate_vqa(
         ids.append(item.question_id)
         _example(examples, question, output)
     return {"accuracy": mean_vqa_accuracy(predictions, humans), "count": len(ids), "answers": dict(zip(ids, predictions)),
-            "examples": examples}
+            "per_item": [vqa_accuracy(p, a) for p, a in zip(predictions, humans)], "examples": examples}
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,10 @@ def evaluate_benchmark(checkpoint: str | Path, files: BenchmarkFiles, config: Ev
         items = itertools.islice(read_benchmark(files), config.limit)
         if files.name == "coco":
             scored = evaluate_captioning(model.generate, items, generator=generator, **sampling)
-            metrics = {"cider": scored["cider"]}
+            scores = {"cider": list(scored["per_item"].values())}
         else:
             scored = evaluate_vqa(model.generate, items, generator=generator, **sampling)
-            metrics = {"accuracy": scored["accuracy"]}
-    task = TaskResult(files.name, metrics, scored["count"], scored["examples"])
+            scores = {"accuracy": scored["per_item"]}
+    task = TaskResult(files.name, scores, scored["count"], scored["examples"])
     settings = {"benchmark": files.name, "limit": config.limit, "seed": config.seed, "device": compute.device, **sampling}
     return EvaluationResult(str(model_dir), step, [task], settings=settings, seconds=time.perf_counter() - start)

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.data.clip_score import ClipScorer
+from pipelines.evaluation.intervals import Estimate, bootstrap_mean
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class ClipScoreResult:
     scorer: str
     reference_clip_score: float | None = None
     """The same score for the ground-truth renderings of the prompts: the number to aim for."""
+    scores: tuple[float, ...] = ()
+    """Per image, ``100 * max(cos, 0)`` (their mean is ``clip_score``)."""
+
+    def estimate(self) -> Estimate:
+        """``clip_score`` with its 95% bootstrap interval over the images."""
+        return bootstrap_mean(self.scores)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,9 +45,10 @@ def scorer_label(scorer: ClipScorer) -> str:
     return "sample_world_tiny_clip" if isinstance(scorer.model_config, dict) else str(scorer.model_config)
 
 
-def _score(scorer: ClipScorer, images: Sequence[Image.Image], texts: Sequence[str]) -> tuple[float, float]:
+def _score(scorer: ClipScorer, images: Sequence[Image.Image], texts: Sequence[str]) -> tuple[float, float, tuple[float, ...]]:
     cosines = scorer.pair_scores(list(images), list(texts))
-    return float(100 * cosines.clamp(min=0).mean()), float(cosines.mean())
+    per_image = 100 * cosines.clamp(min=0)
+    return float(per_image.mean()), float(cosines.mean()), tuple(float(x) for x in per_image)
 
 
 def clip_score(scorer: ClipScorer, images: Sequence[Image.Image], texts: Sequence[str],
@@ -48,10 +56,10 @@ def clip_score(scorer: ClipScorer, images: Sequence[Image.Image], texts: Sequenc
     """CLIP score of ``images[i]`` against ``texts[i]``; ``references`` (same order) are scored alike."""
     if len(images) != len(texts) or not images:
         raise ValueError(f"clip_score needs as many images as texts (at least one), got {len(images)} and {len(texts)}")
-    score, cosine = _score(scorer, images, texts)
+    score, cosine, per_image = _score(scorer, images, texts)
     reference = None
     if references is not None:
         if len(references) != len(texts):
             raise ValueError(f"{len(references)} reference images for {len(texts)} texts")
         reference = _score(scorer, references, texts)[0]
-    return ClipScoreResult(score, cosine, len(images), scorer_label(scorer), reference)
+    return ClipScoreResult(score, cosine, len(images), scorer_label(scorer), reference, per_image)

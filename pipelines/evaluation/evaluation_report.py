@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipelines.compute import Compute
 from pipelines.data.clip_score import ClipScorerManifest
+from pipelines.evaluation.intervals import Estimate
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.run import EvaluationConfig, EvaluationResult, evaluate_checkpoint
 from pipelines.files import fingerprint
@@ -21,11 +22,12 @@ from pipelines.training.checkpoint import Checkpoint
 logger = logging.getLogger(__name__)
 
 TRAINED, UNTRAINED = "trained", "untrained (step 0)"
-BASELINE_METRICS = (("captioning", "cider"), ("text_to_image", "attribute_accuracy"))
-"""The ``(task, metric)`` scores a trained checkpoint must beat its untrained twin on."""
+BASELINE_METRICS = (("captioning", "cider"), ("text_to_image", "attribute_accuracy"),
+                    ("story_continuation", "attribute_accuracy"))
+"""The ``(task, metric)`` scores a trained checkpoint must beat its untrained twin on, outside both intervals."""
 
-Scores = dict[str, dict[str, float]]
-"""``{task: {metric: value}}`` of one evaluated model."""
+Scores = dict[str, dict[str, Estimate]]
+"""``{task: {metric: mean with its 95% interval}}`` of one evaluated model."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class EvaluationReport:
         return fingerprint(self.path, self.scores)
 
 
-def baseline_comparison(report: EvaluationReport) -> dict[str, tuple[float, float]]:
+def baseline_comparison(report: EvaluationReport) -> dict[str, tuple[Estimate, Estimate]]:
     """``"task/metric" -> (trained, untrained)`` for the :data:`BASELINE_METRICS` the report has."""
     trained, untrained = report.scores[TRAINED], report.scores[UNTRAINED]
     return {f"{task}/{metric}": (trained[task][metric], untrained[task][metric])
@@ -57,9 +59,10 @@ def baseline_comparison(report: EvaluationReport) -> dict[str, tuple[float, floa
 
 
 def beats_baseline(report: EvaluationReport) -> bool:
-    """Whether the trained checkpoint scores above its untrained twin on every compared metric (and there is one)."""
+    """Whether the trained checkpoint's interval lies above its untrained twin's on every compared metric (and
+    there is one)."""
     pairs = baseline_comparison(report)
-    return bool(pairs) and all(trained > untrained for trained, untrained in pairs.values())
+    return bool(pairs) and all(trained.above(untrained) for trained, untrained in pairs.values())
 
 
 def report_against_baseline(checkpoint: Checkpoint, world: PublishedWorld, scorer: ClipScorerManifest,
@@ -90,6 +93,6 @@ def report_against_baseline(checkpoint: Checkpoint, world: PublishedWorld, score
     out = out_root / fingerprint(checkpoint.version, dataclasses.asdict(config), scorer.version)
     write_report(out, results, training={TRAINED: checkpoint.metrics()}, lineage=lineage,
                  title=f"MM-Interleaved evaluation: step {checkpoint.step} vs untrained", examples_of=[TRAINED])
-    return EvaluationReport(str(out), str(out / "report.md"), {label: r.metrics() for label, r in results.items()},
+    return EvaluationReport(str(out), str(out / "report.md"), {label: r.estimates() for label, r in results.items()},
                             checkpoint.checkpoint, checkpoint.step, scorer.kind, config,
                             sum(r.seconds for r in results.values()))

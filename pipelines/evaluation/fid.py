@@ -76,6 +76,9 @@ class FIDResult:
     features: str
     num_real: int
     num_generated: int
+    low: float | None = None
+    high: float | None = None
+    """The 95% bootstrap interval (both sets resampled; ``None`` when not computed)."""
 
     @property
     def label(self) -> str:
@@ -96,19 +99,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def _statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    x = features.double().cpu().numpy()
-    return x.mean(0), np.cov(x, rowvar=False)
+def _statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(0), np.cov(features, rowvar=False)
 
 
 def fid(
-    real: torch.Tensor, generated: torch.Tensor, extractor: FeatureExtractor, batch_size: int = 64
+    real: torch.Tensor, generated: torch.Tensor, extractor: FeatureExtractor, batch_size: int = 64,
+    resamples: int = 200, seed: int = 0,
 ) -> FIDResult:
-    """Fréchet distance between ``real`` and ``generated`` images, each ``(B, 3, H, W)`` in [0, 1]."""
+    """Fréchet distance between ``real`` and ``generated`` images, each ``(B, 3, H, W)`` in [0, 1], with a 95%
+    percentile-bootstrap interval from ``resamples`` draws of both sets (0: no interval)."""
     if len(real) < 2 or len(generated) < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {len(real)} real and {len(generated)} generated")
-    stats = [
-        _statistics(torch.cat([extractor(batch) for batch in images.split(batch_size)]))
-        for images in (real, generated)
-    ]
-    return FIDResult(frechet_distance(*stats[0], *stats[1]), extractor.name, len(real), len(generated))
+    features = [torch.cat([extractor(batch) for batch in images.split(batch_size)]).double().cpu().numpy()
+                for images in (real, generated)]
+    value = frechet_distance(*_statistics(features[0]), *_statistics(features[1]))
+    low = high = None
+    if resamples:
+        rng = np.random.default_rng(seed)
+        draws = [frechet_distance(*_statistics(features[0][rng.integers(0, len(features[0]), len(features[0]))]),
+                                  *_statistics(features[1][rng.integers(0, len(features[1]), len(features[1]))]))
+                 for _ in range(resamples)]
+        low, high = (float(q) for q in np.quantile(draws, [0.025, 0.975]))
+    return FIDResult(value, extractor.name, len(real), len(generated), low, high)

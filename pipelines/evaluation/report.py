@@ -22,6 +22,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipelines.evaluation.fid import FIDResult
+from pipelines.evaluation.intervals import Estimate
 from pipelines.evaluation.run import EvaluationResult
 from pipelines.files import atomic_path
 
@@ -43,19 +45,21 @@ def _value(value: float | None) -> str:
 
 
 def plot_task_scores(results: Mapping[str, EvaluationResult]) -> Figure:
-    """One panel per task, one bar group per metric, one bar per compared result."""
-    rows: dict[str, dict[str, dict[str, float]]] = {}
+    """One panel per task, one bar group per metric, one bar per compared result, 95% intervals as error bars."""
+    rows: dict[str, dict[str, dict[str, Estimate]]] = {}
     for label, result in results.items():
-        for task, metrics in result.metrics().items():
-            for metric, value in metrics.items():
-                rows.setdefault(task, {}).setdefault(metric, {})[label] = value
+        for task, metrics in result.estimates().items():
+            for metric, estimate in metrics.items():
+                rows.setdefault(task, {}).setdefault(metric, {})[label] = estimate
     figure = Figure(figsize=(4.2 * len(rows), 3.4))
     axes = figure.subplots(1, len(rows), squeeze=False)[0]
     width = 0.8 / max(1, len(results))
     for ax, (task, metrics) in zip(axes, rows.items()):
         for i, label in enumerate(results):
-            values = [metrics[m].get(label, 0.0) for m in metrics]
-            ax.bar([j + i * width for j in range(len(metrics))], values, width, label=label)
+            found = [metrics[m].get(label) for m in metrics]
+            values = [0.0 if e is None else e.value for e in found]
+            errors = [[0.0 if e is None else e.value - e.low for e in found], [0.0 if e is None else e.high - e.value for e in found]]
+            ax.bar([j + i * width for j in range(len(metrics))], values, width, yerr=errors, capsize=2, label=label)
         ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(metrics))])
         ax.set_xticklabels([m.replace("accuracy_", "acc_") for m in metrics], rotation=30, ha="right", fontsize=8)
         ax.set_title(task, fontsize=10)
@@ -78,62 +82,83 @@ def plot_loss_curves(training: Mapping[str, Sequence[dict[str, Any]]]) -> Figure
     return figure
 
 
-def plot_examples(examples: Sequence[dict[str, Any]], title: str, max_images: int = 6) -> Figure:
-    """A grid: one row per example, its prompt images then its generated images, texts under the row."""
-    columns = max(1, min(max_images, max(sum(isinstance(e, Image.Image) for e in ex["prompt"]) + len(ex["images"])
-                                         for ex in examples)))
-    figure = Figure(figsize=(1.6 * columns + 0.4, 2.2 * len(examples) + 0.4))
-    axes = figure.subplots(len(examples), columns, squeeze=False)
-    for row, example in zip(axes, examples):
+def plot_examples(examples: Sequence[dict[str, Any]], title: str, per_row: int = 3) -> Figure:
+    """Examples side by side, ``per_row`` to a row: each a panel of its prompt images and its generated images
+    (green titles) in one line, with its prompt text and output text above them."""
+    columns = min(per_row, len(examples))
+    rows = (len(examples) + columns - 1) // columns
+    widths = [sum(isinstance(e, Image.Image) for e in ex["prompt"]) + len(ex["images"]) for ex in examples]
+    panel = max(1, min(6, max(widths)))
+    figure = Figure(figsize=(columns * (1.5 * panel + 0.3), 2.5 * rows + 0.5), layout="constrained")
+    panels = figure.subfigures(rows, columns, squeeze=False)
+    for index, example in enumerate(examples):
+        sub = panels[index // columns][index % columns]
         shown = [(e, "prompt") for e in example["prompt"] if isinstance(e, Image.Image)]
         shown += [(e, "generated") for e in example["images"]]
-        for ax in row:
+        axes = sub.subplots(1, panel, squeeze=False)[0]
+        for ax in axes:
             ax.axis("off")
-        for ax, (image, kind) in zip(row, shown[:columns]):
+        for ax, (image, kind) in zip(axes, shown[-panel:]):
             ax.imshow(image)
             ax.set_title(kind, fontsize=7, color="tab:green" if kind == "generated" else "black")
         prompt_text = " | ".join(e for e in example["prompt"] if isinstance(e, str))
-        caption = textwrap.shorten(f"prompt: {prompt_text}  →  output: {example['text']!r}", 160)
-        row[0].text(0, -0.08, "\n".join(textwrap.wrap(caption, 14 * columns)), transform=row[0].transAxes,
-                    fontsize=7, va="top")
+        text = textwrap.shorten(f"{prompt_text} → {example['text']!r}" if example["text"] else prompt_text, 150)
+        sub.suptitle("\n".join(textwrap.wrap(text, 30 * panel)), fontsize=7)
+    for index in range(len(examples), rows * columns):
+        panels[index // columns][index % columns].set_visible(False)
     figure.suptitle(title, fontsize=10)
-    figure.subplots_adjust(hspace=0.9)
     return figure
 
 
 def _score_table(results: Mapping[str, EvaluationResult]) -> list[str]:
+    """Every metric as ``mean [95% interval]``, one column per result, and the first minus the last."""
     labels = list(results)
     compare = len(labels) > 1
-    header = "| task | metric | " + " | ".join(labels) + (f" | {labels[0]} − {labels[-1]} |" if compare else " |")
-    lines = [header, "|" + "---|" * (len(labels) + 2 + compare)]
+    estimates = {label: result.estimates() for label, result in results.items()}
+    header = "| task | metric | n | " + " | ".join(labels) + (f" | {labels[0]} − {labels[-1]} |" if compare else " |")
+    lines = [header, "|" + "---|" * (len(labels) + 3 + compare)]
     tasks: dict[str, list[str]] = {}
-    for result in results.values():
-        for task, metrics in result.metrics().items():
+    for by_task in estimates.values():
+        for task, metrics in by_task.items():
             tasks.setdefault(task, [])
             tasks[task] += [m for m in metrics if m not in tasks[task]]
     for task, metrics in tasks.items():
         for metric in metrics:
-            values = [results[label].metrics().get(task, {}).get(metric) for label in labels]
-            cells = [_value(v) for v in values]
+            values = [estimates[label].get(task, {}).get(metric) for label in labels]
+            counts = sorted({v.n for v in values if v is not None})
+            cells = ["–" if v is None else str(v) for v in values]
             if compare:
-                delta = None if values[0] is None or values[-1] is None else values[0] - values[-1]
-                cells.append("–" if delta is None else f"{delta:+.3f}")
-            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+                first, last = values[0], values[-1]
+                cells.append("–" if first is None or last is None else
+                             f"{first.value - last.value:+.3f}{' *' if first.above(last) or last.above(first) else ''}")
+            lines.append(f"| {task} | {metric} | {'/'.join(map(str, counts))} | " + " | ".join(cells) + " |")
+    lines += ["", "Each score is the mean over the evaluated items with its 95% bootstrap interval"
+              + ("; * marks a difference outside both intervals." if compare else ".")]
     return lines
 
 
+def _fid_line(fid: FIDResult | None) -> str:
+    if fid is None:
+        return "  FID: not computed (no Inception-v3 weights or CLIP scorer given, or fewer than 2 images)."
+    interval = "" if fid.low is None else f" [{fid.low:.2f}, {fid.high:.2f}]"
+    return f"  FID: {fid.label} = {fid.value:.2f}{interval}"
+
+
 def _notes(results: Mapping[str, EvaluationResult]) -> list[str]:
-    lines = []
+    lines = ["How to read the image rows: `*_floor` scores each output against another item's target (a generator "
+             "that ignores its prompt scores there), `*_blank` an empty canvas; `vae_ceiling` is what the model's VAE "
+             "lets any generator reach (ground truth through encode -> decode), `rendered` the parser's own ceiling "
+             "at the model's resolution. `extra_objects` counts objects drawn where the target has none; each counts "
+             "as four wrong facts in `attribute_accuracy`.", ""]
     for label, result in results.items():
         clip = result.clip
         if clip is None:
             lines.append(f"- **{label}**: no CLIP score (no scorer given).")
         else:
             reference = "" if clip.reference_clip_score is None else f"; ground-truth renderings score {clip.reference_clip_score:.2f}"
-            lines.append(f"- **{label}**: CLIP score {clip.clip_score:.2f} of {clip.count} text-to-image outputs, "
+            lines.append(f"- **{label}**: CLIP score {clip.estimate()} of {clip.count} text-to-image outputs, "
                          f"scorer `{clip.scorer}`{reference}.")
-        lines.append(f"  FID: {result.fid.label} = {result.fid.value:.2f}" if result.fid is not None
-                     else "  FID: not computed (no Inception-v3 weights or CLIP scorer given, or fewer than 2 images).")
+        lines.append(_fid_line(result.fid))
         lines.append(f"  Checkpoint `{result.checkpoint}` (step {result.step}), evaluated in {result.seconds:.1f} s "
                      f"with {json.dumps(result.settings)}.")
     return lines

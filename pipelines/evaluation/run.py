@@ -32,8 +32,10 @@ from pipelines.compute import Compute
 from pipelines.data.clip_score import ClipScorer
 from pipelines.evaluation.clip_similarity import ClipScoreResult, clip_score
 from pipelines.evaluation.fid import ClipFeatures, FIDResult, InceptionFeatures, fid
+from pipelines.evaluation.intervals import Estimate
 from pipelines.evaluation.sample_world_tasks import BOI, TASKS, Generation, TaskResult, evaluate_task, read_split
-from pipelines.sample_world import Scene, WorldConfig, generate_world, render
+from pipelines.evaluation.scenes import score_scene
+from pipelines.sample_world import Scene, WorldConfig, generate_world, parse_image, render
 from pipelines.sample_world.formats import WORLD_CONFIG_FILE
 
 IMAGE_TASKS = ("captioning", "vqa", "story_continuation")
@@ -93,11 +95,17 @@ class EvaluationResult:
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """``{task: {metric: value}}``, with ``clip`` and ``fid`` as extra rows when computed."""
-        out = {t.task: dict(t.metrics) for t in self.tasks}
+        return {task: {metric: e.value for metric, e in metrics.items()} for task, metrics in self.estimates().items()}
+
+    def estimates(self) -> dict[str, dict[str, Estimate]]:
+        """``{task: {metric: value with its 95% bootstrap interval}}``, ``clip`` and ``fid`` included."""
+        out = {t.task: t.estimates() for t in self.tasks}
         if self.clip is not None:
-            out["clip_score"] = {"clip_score": self.clip.clip_score}
+            out["clip_score"] = {"clip_score": self.clip.estimate()}
         if self.fid is not None:
-            out["fid"] = {self.fid.features: self.fid.value}
+            f = self.fid
+            out["fid"] = {f.features: Estimate(f.value, f.value if f.low is None else f.low,
+                                               f.value if f.high is None else f.high, f.num_generated)}
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +113,8 @@ class EvaluationResult:
         def element(e: Any) -> Any:
             return "<image>" if isinstance(e, Image.Image) else e
 
-        tasks = [{"task": t.task, "metrics": t.metrics, "count": t.count,
+        tasks = [{"task": t.task, "metrics": t.metrics, "intervals": {m: [e.low, e.high] for m, e in t.estimates().items()},
+                  "count": t.count,
                   "examples": [{"prompt": [element(e) for e in ex["prompt"]], "text": ex["text"],
                                 "images": len(ex["images"])} for ex in t.examples]} for t in self.tasks]
         return {"checkpoint": self.checkpoint, "step": self.step, "tasks": tasks,
@@ -230,9 +239,38 @@ def evaluate_checkpoint(
                                              image_size=config.image_size, generator=generator, **sampling))
             if task == "text_to_image":
                 t2i = recorder
+                results.append(vae_ceiling(model, eval_dir, config))
         clip_result, fid_result = _image_scores(t2i, eval_dir, config, clip_scorer, compute)
     return EvaluationResult(str(model_dir), step, results, clip_result, fid_result, settings,
                             time.perf_counter() - start)
+
+
+VAE_CEILING = "vae_ceiling"
+"""The task row of :func:`vae_ceiling`."""
+
+
+@torch.no_grad()
+def vae_ceiling(model, eval_dir: str | Path, config: EvaluationConfig) -> TaskResult:
+    """What any generator through this model's VAE can score on text-to-image: attribute accuracy of the
+    prompts' ground-truth renderings passed through ``encode -> decode`` (and of the renderings themselves,
+    the parser's own ceiling, as ``rendered``)."""
+    records = read_split(eval_dir, "text_to_image", config.limit)
+    targets = [Scene.from_dict(r["scene"]) for r in records]
+    height, width = model.image_size
+    scores: dict[str, list[float]] = {"attribute_accuracy": [], "rendered": []}
+    for start in range(0, len(targets), 32):
+        batch = targets[start:start + 32]
+        rendered = [render(t, config.image_size) for t in batch]
+        pixels = torch.stack([torch.from_numpy(np.asarray(r.resize((width, height), Image.BICUBIC), dtype=np.float32) / 255)
+                              .permute(2, 0, 1) for r in rendered]).to(model.device)
+        decoded = model.decoder.decode_latents(model.decoder.encode_images(pixels))
+        for target, image, original in zip(batch, decoded, rendered):
+            array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+            parsed = parse_image(Image.fromarray(array).resize((config.image_size,) * 2, Image.NEAREST))
+            scores["attribute_accuracy"].append(score_scene(parsed, target).accuracy)
+            small = original.resize((width, height), Image.BICUBIC).resize((config.image_size,) * 2, Image.NEAREST)
+            scores["rendered"].append(score_scene(parse_image(small), target).accuracy)
+    return TaskResult(VAE_CEILING, scores, len(targets))
 
 
 def _image_scores(t2i: _Recorder | None, eval_dir: str | Path, config: EvaluationConfig, clip_scorer: ClipScorer | None,

@@ -6,16 +6,21 @@ Each task reads its split (``eval/<task>.jsonl`` written by
 image), calls ``generate(prompt, **generation_kwargs)`` — e.g. ``MMInterleaved.generate`` — and
 scores the output exactly:
 
-==================  =======================================  ===========================
+==================  =======================================  ======================================
 task                prompt                                   metrics
-==================  =======================================  ===========================
-captioning          [image]                                  CIDEr, exact-match accuracy
+==================  =======================================  ======================================
+captioning          [image]                                  CIDEr-D, exact-match accuracy
 vqa                 [image, "question"]                      VQA accuracy, per type
                                                              (``digit`` = fine detail)
-text_to_image       ["caption <BoI>"]                        attribute accuracy
-seg_to_image        [label-map image, "<BoI>"]               mIoU
-story_continuation  [img, sentence, ..., "sentence <BoI>"]   attribute accuracy
-==================  =======================================  ===========================
+text_to_image       ["caption <BoI>"]                        attribute accuracy, per attribute
+seg_to_image        [label-map image, "<BoI>"]               object mIoU (+ with background)
+story_continuation  [img, sentence, ..., "sentence <BoI>"]   attribute accuracy, per attribute
+==================  =======================================  ======================================
+
+Every metric keeps its per-item scores (:attr:`TaskResult.scores`), so the report gives each one a
+bootstrap interval. The image tasks also score floors, what a generator that ignores its prompt
+would get: ``*_floor`` scores each output against the next item's target (the outputs of a shuffled
+prompt set), and seg-to-image's ``*_blank`` scores an empty canvas.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.evaluation.cider import cider_d, tokenize_caption
-from pipelines.evaluation.scenes import attribute_accuracy, scene_miou
+from pipelines.evaluation.intervals import Estimate, bootstrap_mean
+from pipelines.evaluation.scenes import BREAKDOWN, object_miou, scene_miou, score_scene
 from pipelines.evaluation.vqa import vqa_accuracy
 from pipelines.sample_world import Scene, parse_image
 from pipelines.sample_world.scenes import COLOURS, GLYPH_COLOUR, render_segmentation
@@ -49,12 +55,26 @@ Generate = Callable[..., Generation]
 
 @dataclass
 class TaskResult:
-    """Scores of one task and a few examples (prompt, generated text and images) for the report."""
+    """Scores of one task and a few examples (prompt, generated text and images) for the report.
+
+    Attributes:
+        scores: metric -> its per-item scores (a metric over a subset, e.g. ``digit``, has fewer items).
+        count: items evaluated.
+    """
 
     task: str
-    metrics: dict[str, float]
+    scores: dict[str, list[float]]
     count: int
     examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """metric -> mean over its items."""
+        return {metric: float(np.mean(values)) for metric, values in self.scores.items()}
+
+    def estimates(self, seed: int = 0) -> dict[str, Estimate]:
+        """metric -> mean with its 95% bootstrap interval."""
+        return {metric: bootstrap_mean(values, seed=seed) for metric, values in self.scores.items()}
 
 
 def read_split(eval_dir: str | Path, task: str, limit: int | None = None) -> list[dict]:
@@ -124,40 +144,67 @@ def evaluate_task(
         for record in records:
             candidates[record["image_id"]] = run([image_for(record["image_id"])]).text
             references[record["image_id"]] = record["references"]
-        cider, _ = cider_d(candidates, references)
-        exact = np.mean([tokenize_caption(candidates[i]) in {tokenize_caption(r) for r in references[i]} for i in candidates])
-        metrics = {"cider": cider, "exact_match": float(exact)}
+        _, per_image = cider_d(candidates, references)
+        scores = {"cider": [per_image[i] for i in candidates],
+                  "exact_match": [float(tokenize_caption(candidates[i]) in {tokenize_caption(r) for r in references[i]})
+                                  for i in candidates]}
     elif task == "vqa":
         by_type = defaultdict(list)
         for record in records:
             answer = run([image_for(record["image_id"]), record["question"]]).text
             by_type[record["type"]].append(vqa_accuracy(answer, [record["answer"]]))
-        metrics = {"accuracy": float(np.mean([s for scores in by_type.values() for s in scores]))}
-        metrics.update({f"accuracy_{kind}": float(np.mean(scores)) for kind, scores in sorted(by_type.items())})
+        scores = {"accuracy": [s for kind in by_type.values() for s in kind]}
+        scores.update({f"accuracy_{kind}": values for kind, values in sorted(by_type.items())})
     elif task == "text_to_image":
-        scores = []
-        for record in records:
-            image = _first_image(run([f"{record['prompt'].lower()} {BOI}"]))
-            target = Scene.from_dict(record["scene"])
-            scores.append(0.0 if image is None else attribute_accuracy(_parse(image, image_size), target))
-        metrics = {"attribute_accuracy": float(np.mean(scores))}
+        outputs = [_first_image(run([f"{record['prompt'].lower()} {BOI}"])) for record in records]
+        scores = _scene_scores(outputs, [Scene.from_dict(r["scene"]) for r in records], image_size)
     elif task == "seg_to_image":
-        scores = []
-        for record in records:
-            target = Scene.from_dict(record["scene"])
-            image = _first_image(run([label_map_image(target, image_size), BOI]))
-            scores.append(0.0 if image is None else scene_miou(_parse(image, image_size), target, image_size))
-        metrics = {"miou": float(np.mean(scores))}
+        targets = [Scene.from_dict(r["scene"]) for r in records]
+        outputs = [_first_image(run([label_map_image(target, image_size), BOI])) for target in targets]
+        scores = _segmentation_scores(outputs, targets, image_size)
     else:  # story_continuation
-        scores = []
+        outputs = []
         for record in records:
             prompt: list[str | Image.Image] = []
             for step in record["context"]:
                 prompt += [image_for(step["image_id"]), step["sentence"]]
             prompt.append(f"{record['next_sentence']} {BOI}")
-            image = _first_image(run(prompt))
-            target = Scene.from_dict(record["next_scene"])
-            scores.append(0.0 if image is None else attribute_accuracy(_parse(image, image_size), target))
-        metrics = {"attribute_accuracy": float(np.mean(scores))}
-    return TaskResult(task, metrics, len(records), examples)
+            outputs.append(_first_image(run(prompt)))
+        scores = _scene_scores(outputs, [Scene.from_dict(r["next_scene"]) for r in records], image_size)
+    return TaskResult(task, scores, len(records), examples)
+
+
+def _parsed(images: Sequence[Image.Image | None], size: int) -> list[Scene]:
+    """Each output parsed back into a scene (no image: an empty scene)."""
+    return [Scene(objects=()) if image is None else _parse(image, size) for image in images]
+
+
+def _scene_scores(images: Sequence[Image.Image | None], targets: Sequence[Scene], size: int) -> dict[str, list[float]]:
+    """Attribute accuracy, its :data:`BREAKDOWN` and extra objects, plus the floor: each output against the
+    next item's target."""
+    predicted = _parsed(images, size)
+    scored = [score_scene(p, t) for p, t in zip(predicted, targets)]
+    shuffled = list(targets[1:]) + list(targets[:1])
+    scores = {"attribute_accuracy": [s.accuracy for s in scored]}
+    for name in BREAKDOWN:
+        values = [s.attributes[name] for s in scored if s.attributes[name] is not None]
+        if values:
+            scores[name] = values
+    scores["extra_objects"] = [float(s.extra_objects) for s in scored]
+    scores["attribute_accuracy_floor"] = [score_scene(p, t).accuracy for p, t in zip(predicted, shuffled)]
+    return scores
+
+
+def _segmentation_scores(images: Sequence[Image.Image | None], targets: Sequence[Scene], size: int) -> dict[str, list[float]]:
+    """Object mIoU and mIoU with the background, each with its blank-canvas and shuffled-target floors."""
+    predicted = _parsed(images, size)
+    shuffled = list(targets[1:]) + list(targets[:1])
+    blank = Scene(objects=())
+    return {
+        "object_miou": [object_miou(p, t, size) for p, t in zip(predicted, targets)],
+        "object_miou_floor": [object_miou(p, t, size) for p, t in zip(predicted, shuffled)],
+        "object_miou_blank": [object_miou(blank, t, size) for t in targets],
+        "miou": [scene_miou(p, t, size) for p, t in zip(predicted, targets)],
+        "miou_blank": [scene_miou(blank, t, size) for t in targets],
+    }
 
