@@ -93,8 +93,13 @@ def raw_shard_sensor(context: dg.SensorEvaluationContext, storage: Storage):
     known = set(context.instance.get_dynamic_partitions(source_shards.name))
     layout = storage.layout
     new = [k for k in layout.raw_partition_keys() if k not in known]
+    ignored = layout.unrecognised_raw_files()
+    if ignored:
+        context.log.warning(f"{len(ignored)} files in {layout.raw} are not shards of a known format, ignored: "
+                            f"{', '.join(ignored[:5])}")
     if not new:
-        return dg.SkipReason(f"no new raw shards in {layout.raw}")
+        return dg.SkipReason(f"no new raw shards in {layout.raw}" + (f" ({len(ignored)} files ignored: "
+                                                                    f"{', '.join(ignored[:5])})" if ignored else ""))
     run_config = preset_run_config(preset_name(), ("downloaded_images",))
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=k, run_key=k, run_config=run_config) for k in new],

@@ -32,6 +32,16 @@ class BadRecordError(ValueError):
         self.record = record
 
 
+class ShardError(ValueError):
+    """A whole input shard that cannot be read (not a zip, a truncated parquet, no document in it): the file and
+    the cause. Bad records are the handler's; a bad shard is isolated by the stage that reads it."""
+
+    def __init__(self, file: str, cause: str):
+        super().__init__(f"{file}: {cause}")
+        self.file = file
+        self.cause = cause
+
+
 Handler = Callable[[BadRecord], None]
 
 
