@@ -278,7 +278,8 @@ def test_one_bad_image_url_leaves_the_rest_of_its_document(tmp_path):
     path = tmp_path / "docs_shard_0_v2.jsonl"
     path.write_text(json.dumps(doc) + "\n")
     (kept,) = list(read_mmc4(path, reraise))
-    assert [e["url"] for e in image_elements(kept)] == ["https://img.example.com/0/2.jpg", "https://cdn.example.org/a.jpg"]
+    assert [e["url"] for e in image_elements(kept)] == ["https://img.example.com/0/2.jpg",
+                                                        "https://cdn.example.org/a.jpg"]
     assert [e["text"] for e in kept["elements"] if e["type"] == "text"] == doc["text_list"]
     assert json.loads(kept["meta"])["skipped_images"] == [
         {"index": 1, "reason": "image_info[1]: invalid url 'javascript:void(0)'"}]

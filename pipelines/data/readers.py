@@ -384,12 +384,14 @@ def parallel_lists_document(
     holds a text (``images[i]`` null) or an image URL (``texts[i]`` null); a position with neither is empty and
     skipped. Elements keep the source's order; an image's ``matched_text_index`` is the text after it (the one
     before it when none follows). ``image_metadata`` (one entry per image, in image order) goes to
-    ``meta["image_metadata"]`` for the images kept; an image with an unusable URL is left out with its reason in
-    ``meta["skipped_images"]`` (``index``: its position in the lists)."""
+    ``meta["image_metadata"]`` for the images kept; it may also be aligned with the positions (null at the texts).
+    An image with an unusable URL is left out with its reason in ``meta["skipped_images"]`` (``index``: its
+    position in the lists)."""
     if not isinstance(texts, list) or not isinstance(images, list):
         raise RecordError("texts and images must be lists")
     if len(texts) != len(images):
         raise RecordError(f"texts and images must be parallel lists, got {len(texts)} and {len(images)} entries")
+    image_metadata = _image_order(image_metadata, images)
     elements: list[dict[str, Any]] = []
     kept_metadata: list[Any] = []
     skipped: list[dict[str, Any]] = []
@@ -435,18 +437,18 @@ def _match_images_to_texts(elements: list[dict[str, Any]]) -> None:
             element["matched_text_index"] = preceding
 
 
-def _image_order(metadata: Any, texts: list[Any], images: list[Any], what: str) -> list[Any] | None:
+def _image_order(metadata: Any, images: list[Any]) -> list[Any] | None:
     """Per-image metadata in image order, from a list aligned with the positions or holding only the images."""
     if metadata is None:
         return None
     if not isinstance(metadata, list):
-        raise RecordError(f"{what} must be a list")
+        raise RecordError("metadata must be a list")
     n_images = sum(url is not None for url in images)
-    if len(metadata) == len(images) and len(images) == len(texts):
+    if len(metadata) == len(images):
         return [m for m, url in zip(metadata, images) if url is not None]
     if len(metadata) == n_images:
         return metadata
-    raise RecordError(f"{what} has {len(metadata)} entries for {len(images)} positions and {n_images} images")
+    raise RecordError(f"metadata has {len(metadata)} entries for {len(images)} positions and {n_images} images")
 
 
 def _json_field(value: Any, what: str) -> Any:
@@ -458,8 +460,12 @@ def _json_field(value: Any, what: str) -> Any:
         raise RecordError(f"{what} is not JSON: {err.msg}: column {err.colno}") from None
 
 
+Document = Callable[[dict[str, Any], str, str, int], dict[str, Any]]
+"""``(record, doc_id, file name, row) -> document`` of one parquet layout."""
+
+
 def _interleaved_parquet(path: str | os.PathLike, handler: Handler, source: str, batch_size: int,
-                         document: Callable[[dict[str, Any], str, str, int], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+                         document: Document) -> Iterator[dict[str, Any]]:
     name = os.path.basename(str(path))
     stem = _stem(name)
     parquet = _parquet(path)
@@ -491,12 +497,11 @@ def read_obelics(path: str | os.PathLike, handler: Handler = warn_and_continue, 
         if not isinstance(general, dict):
             raise RecordError("general_metadata must be a JSON object")
         texts, images = record.get("texts"), record.get("images")
-        metadata = _json_field(record.get("metadata"), "metadata")
         others = {k: v for k, v in record.items() if k not in ("texts", "images", "metadata", "general_metadata")}
         page_url = general.get("url") if isinstance(general.get("url"), str) else None
         return parallel_lists_document(
             texts, images, doc_id=doc_id, source=source, source_file=file, row=row, page_url=page_url,
-            image_metadata=_image_order(metadata, texts or [], images or [], "metadata"),
+            image_metadata=_json_field(record.get("metadata"), "metadata"),
             meta={**{k: v for k, v in general.items() if k != "url"}, **others})
 
     return _interleaved_parquet(path, handler, source, batch_size, document)
@@ -523,7 +528,7 @@ def read_omnicorpus(path: str | os.PathLike, handler: Handler = warn_and_continu
         page_url = general.get("url") if isinstance(general.get("url"), str) else None
         return parallel_lists_document(
             texts, images, doc_id=doc_id, source=source, source_file=file, row=row, page_url=page_url,
-            image_metadata=_image_order(record.get("metadata"), texts or [], images or [], "metadata"),
+            image_metadata=record.get("metadata"),
             meta={**{k: v for k, v in general.items() if k != "url"}, **others})
 
     return _interleaved_parquet(path, handler, source, batch_size, document)
