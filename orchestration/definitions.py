@@ -42,7 +42,7 @@ from assets.resources import (
     WebImages,
 )
 from assets.sample_world import sample_world
-from assets.sources import raw_documents, raw_documents_parse_rate
+from assets.sources import raw_documents, raw_documents_parse_rate, raw_documents_shards_readable
 from assets.training import checkpoint
 from orchestration.jobs import (
     ingest,
@@ -57,7 +57,7 @@ from orchestration.jobs import (
 PRESETS = ("sample_world", "real_data")
 DATA_ASSETS = [raw_documents, downloaded_images, clip_scorer, clip_scores, filtered_documents, captioner, recaptions,
                tokenizer, packed_sequences, checkpoint]
-DATA_CHECKS = [raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
+DATA_CHECKS = [raw_documents_shards_readable, raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
                filtered_documents_pass_rate, packed_sequences_shard_integrity, packed_sequences_max_tokens]
 # The sample world ships its own benchmarks (and its scenes for the ablation); real benchmarks come with
 # their own data, so these assets exist in the sample-world preset only.

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
 DATA_ASSETS = ["raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
                "recaptions", "tokenizer", "packed_sequences"]
 PRESET_OPS = ("downloaded_images", "filtered_documents", "recaptions", "packed_sequences")
-CHECKS = {"raw_documents_parse_rate", "downloaded_images_shard_integrity", "downloaded_images_success_rate",
+CHECKS = {"raw_documents_shards_readable", "raw_documents_parse_rate", "downloaded_images_shard_integrity", "downloaded_images_success_rate",
           "filtered_documents_pass_rate", "packed_sequences_shard_integrity", "packed_sequences_max_tokens"}
 
 

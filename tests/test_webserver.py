@@ -105,7 +105,8 @@ def test_webserver_serves_the_asset_graph_checks_schedule_and_sensor(webserver):
     assert assets["ablation_checkpoints"]["isPartitioned"] and not assets["mmfs_ablation_report"]["isPartitioned"]
     checks = {c["name"]: c["blocking"] for a in assets.values() for c in a["assetChecksOrError"]["checks"]}
     assert checks == {
-        "raw_documents_parse_rate": False, "downloaded_images_shard_integrity": True,
+        "raw_documents_shards_readable": False, "raw_documents_parse_rate": False,
+        "downloaded_images_shard_integrity": True,
         "downloaded_images_success_rate": False, "filtered_documents_pass_rate": False,
         "packed_sequences_shard_integrity": True, "packed_sequences_max_tokens": False,
         "evaluation_report_beats_untrained": False,

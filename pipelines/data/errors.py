@@ -42,6 +42,20 @@ class ShardError(ValueError):
         self.cause = cause
 
 
+@dataclass(frozen=True)
+class ShardFailure:
+    """A partition a stage could not produce: the file that failed and why. The stage's other partitions go on; this
+    one is quarantined (it has no output, and the stages after it leave it out) until it is read again."""
+
+    file: str
+    cause: str
+    stage: str
+    """The stage that failed it (the stages after it pass the same failure on)."""
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.cause}"
+
+
 Handler = Callable[[BadRecord], None]
 
 
