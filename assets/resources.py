@@ -122,3 +122,5 @@ class QualityBounds(dg.ConfigurableResource):
     min_download_success_rate: float = Field(default=0.5, description="Image URLs downloaded.")
     min_filter_pass_rate: float = Field(default=0.05, description="Documents kept by filtering.")
     max_filter_pass_rate: float = Field(default=1.0, description="Documents kept by filtering.")
+    max_dedup_rate: float = Field(default=0.5, description="Images dropped as duplicates (URL, sha256, perceptual "
+                                                            "hash) of the images deduplicated.")

@@ -7,9 +7,8 @@ img2dataset does the fetching, resizing and shard writing. Around it this stage 
 - a retry pass that re-fetches only the retryable failures of *finished* shards and merges the
   recovered images into those shards under their original keys;
 - a status table with one final row per URL, joined back onto documents so every image element
-  carries ``status`` (``ok`` or the reason), ``error``, ``key`` and ``sha256``;
-- :func:`dedup_documents`: drop repeated URLs and repeated images (same sha256 via another URL),
-  with a reason for every drop.
+  carries ``status`` (``ok`` or the reason), ``error``, ``key`` and ``sha256`` (the dedup stage,
+  :mod:`pipelines.data.deduplicated_documents`, drops repeated URLs and images across shards).
 
 Output layout of :func:`download_urls` under ``output_dir``::
 
@@ -36,7 +35,7 @@ import signal
 import tarfile
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -405,61 +404,3 @@ def download_documents(
     result = download_urls(distinct_urls(documents), output_dir, config, host_policy)
     write_documents(attach_status(documents, load_status(result.status_path)), Path(output_dir) / "documents.parquet")
     return result
-
-
-# ------------------------------------------------------------------------------ dedup
-
-
-@dataclass
-class DedupIndex:
-    """What has been seen so far; keep one across shards for cross-shard dedup (picklable)."""
-
-    urls: dict[str, str] = field(default_factory=dict)
-    """url → doc_id of its first use."""
-    sha256: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """image sha256 → (url, doc_id) of its first appearance."""
-
-
-@dataclass(frozen=True)
-class Drop:
-    doc_id: str
-    url: str | None
-    reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def dedup_documents(
-    documents: Iterable[dict[str, Any]], index: DedupIndex, on_drop: Callable[[Drop], None],
-) -> Iterator[dict[str, Any]]:
-    """Drop image elements whose URL, or whose downloaded bytes (sha256), were seen before.
-
-    Pairs that lose their image are dropped whole; interleaved documents keep their text. Each
-    drop is reported to ``on_drop`` with its reason; ``index`` carries state across calls.
-    """
-    for document in documents:
-        kept = []
-        removed = 0
-        for element in document["elements"]:
-            if element["type"] != "image":
-                kept.append(element)
-                continue
-            url, digest = element["url"], element.get("sha256")
-            if url in index.urls:
-                on_drop(Drop(document["doc_id"], url, f"duplicate_url: first used by {index.urls[url]}"))
-                removed += 1
-                continue
-            index.urls[url] = document["doc_id"]
-            if digest:
-                if digest in index.sha256:
-                    first_url, first_doc = index.sha256[digest]
-                    on_drop(Drop(document["doc_id"], url, f"duplicate_image: same sha256 as {first_url} in {first_doc}"))
-                    removed += 1
-                    continue
-                index.sha256[digest] = (url, document["doc_id"])
-            kept.append(element)
-        if removed and document["kind"] == "pair":
-            on_drop(Drop(document["doc_id"], None, "pair_without_image: its image was a duplicate"))
-            continue
-        yield {**document, "elements": kept}
