@@ -46,7 +46,7 @@ refilter = dg.define_asset_job(
     "refilter",
     selection=dg.AssetSelection.assets(filtered_documents).downstream() - MODEL_GROUPS,
     description=("Re-filter the already-downloaded images with the current thresholds (on the scores already made; "
-                 "recaptioned pairs are judged by their recaption) and re-pack."),
+                 "recaptioned pairs are judged by their recaption), deduplicate, decontaminate and re-pack."),
 )
 
 ingest = dg.define_asset_job(
@@ -83,7 +83,7 @@ def weekly_refilter(context: dg.ScheduleEvaluationContext):
     missing = [k for k in keys if k not in downloaded]
     if missing:
         return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
-    ops = ("filtered_documents", "packed_sequences")
+    ops = ("filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences")
     return dg.RunRequest(run_config=preset_run_config(preset_name(), ops), tags=partition_range_tags(keys))
 
 

@@ -24,9 +24,11 @@ from pipelines.sample_world.image_server import ImageServer
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
 
 DATA_ASSETS = ["raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
-               "recaptions", "tokenizer", "packed_sequences"]
-PRESET_OPS = ("downloaded_images", "filtered_documents", "recaptions", "packed_sequences")
-CHECKS = {"raw_documents_shards_readable", "raw_documents_parse_rate", "downloaded_images_shard_integrity", "downloaded_images_success_rate",
+               "recaptions", "deduplicated_documents", "decontaminated_documents", "tokenizer", "packed_sequences"]
+PRESET_OPS = ("downloaded_images", "filtered_documents", "recaptions", "deduplicated_documents", "decontaminated_documents",
+              "packed_sequences")
+CHECKS = {"raw_documents_shards_readable", "raw_documents_parse_rate", "deduplicated_documents_rate",
+          "downloaded_images_shard_integrity", "downloaded_images_success_rate",
           "filtered_documents_pass_rate", "packed_sequences_shard_integrity", "packed_sequences_max_tokens"}
 
 
@@ -121,6 +123,12 @@ def test_materializations_carry_metadata_and_data_versions(graph):
     recaptions = graph.materializations("recaptions")[0].metadata
     assert recaptions["documents"].value == recaptions["captioned"].value > 0 and recaptions["reused"].value == 0
     assert recaptions["sources"].value == ["cc12m"] and "| source text | recaption |" in recaptions["preview"].value
+    dedup = graph.materializations("deduplicated_documents")[0].metadata
+    assert 0 < dedup["images_kept"].value <= dedup["images_in"].value == filtered["images_kept"].value
+    assert dedup["config"].value["phash_max_distance"] == "off"  # the preset: the world's scenes share pHashes
+    clean = graph.materializations("decontaminated_documents")[0].metadata
+    assert clean["checked_against"].value["name"] == "sample world (seed 0, 2 items a split)"
+    assert clean["images_in"].value == dedup["images_kept"].value and clean["eval_texts_checked"].value > 0
     packed = graph.materializations("packed_sequences")[0].metadata
     assert packed["sequences"].value >= 1 and packed["tokens"].value > 0 and ".tar" in packed["shards"].value
     assert packed["recaptioned_shards"].value == ["cc12m/cc12m-00000.tsv"]
@@ -235,12 +243,14 @@ def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
     packed_before = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
     before = graph.materializations("filtered_documents")[0].metadata["min_similarity"].value
     stricter = round(before + 0.05, 4)
-    config = {"ops": {"filtered_documents": {"config": {"min_similarity": stricter, "pair_min_similarity": stricter}}}}
+    config = preset_run_config("sample_world", ("deduplicated_documents", "decontaminated_documents"))
+    config["ops"]["filtered_documents"] = {"config": {"min_similarity": stricter, "pair_min_similarity": stricter}}
     result = graph.run("refilter", run_config=config)
     assert result.success
     assert graph.server.request_count == requests_before  # no HTTP: the downloads were re-used
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"filtered_documents", "packed_sequences"}  # every downloaded pair is captioned already
+    # every downloaded pair is captioned already
+    assert materialized == {"filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences"}
     thresholds = [m.metadata["min_similarity"].value for m in graph.materializations("filtered_documents")]
     assert stricter in thresholds and before in thresholds
     packed = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
@@ -257,7 +267,7 @@ def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):
     tar.write_bytes(data[: len(data) // 2 + 100])
     requests_before = graph.server.request_count
     selection = [dg.AssetKey(a) for a in ("downloaded_images", "clip_scores", "filtered_documents", "recaptions",
-                                          "packed_sequences")]
+                                          "deduplicated_documents", "decontaminated_documents", "packed_sequences")]
     result = graph.run("sample_world_data", asset_selection=selection, raise_on_error=False)
     assert not result.success
     integrity = [e for e in result.get_asset_check_evaluations()

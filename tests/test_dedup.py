@@ -2,44 +2,22 @@
 re-encoded copies, across shards and sources, loses exactly those, each with its reason, and the counts are the
 asset's metadata."""
 
-import hashlib
-import io
-import json
 import random
-import tarfile
-from dataclasses import asdict
 
 import dagster as dg
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from corpus_samples import Corpus, jpeg, photo
 
 from assets.dedup import deduplicated_documents, deduplicated_documents_rate
 from assets.io_manager import ManifestIOManager
 from assets.partitions import source_shards
 from assets.resources import QualityBounds, Storage
 from pipelines.data.dedup import DedupConfig, DedupIndex, dedup_documents, shard_order
-from pipelines.data.documents import (
-    IMAGE_STATUS_OK, image_element, make_document, make_pair, text_element, write_documents,
-)
-from pipelines.data.downloaded_images import DownloadedShard, ShardFile
-from pipelines.data.filtered_documents import FilteredShard
+from pipelines.data.documents import make_document, text_element
 from pipelines.data.image_hashes import HammingIndex, hamming, perceptual_hash
 
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
-
-
-def photo(seed: int, size: int = 128) -> Image.Image:
-    """A distinct picture: a random 6x6 colour grid, smoothly upsampled (pHash tells these apart by >= 12 bits)."""
-    grid = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return Image.fromarray(grid).resize((size, size), Image.BICUBIC)
-
-
-def jpeg(image: Image.Image, quality: int = 95) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=quality)
-    return out.getvalue()
 
 
 def test_hamming_index_finds_exactly_the_hashes_within_the_distance():
@@ -56,28 +34,12 @@ def test_hamming_index_finds_exactly_the_hashes_within_the_distance():
             assert (None if found is None else (found[1], found[0])) == expected
 
 
-def downloaded(element, key, data):
-    element.update(key=key, status=IMAGE_STATUS_OK, sha256=hashlib.sha256(data).hexdigest())
-    return element
-
-
-class TestSet:
-    """Three shards of three sources; ``images`` holds each key's bytes, ``expected`` every drop."""
+class TestSet(Corpus):
+    """Three shards of three sources, and ``expected``: every image drop as ``(doc_id, url, rule)``."""
 
     def __init__(self):
-        self.images: dict[str, bytes] = {}
-        self.documents: dict[str, list[dict]] = {"mmc4/docs_shard_0_v2.jsonl.zip": [], "laion/part-00000.parquet": [],
-                                                 "cc12m/cc12m-00000.tsv": []}
+        super().__init__(["mmc4/docs_shard_0_v2.jsonl.zip", "laion/part-00000.parquet", "cc12m/cc12m-00000.tsv"])
         self.expected: set[tuple[str, str, str]] = set()
-
-    def image(self, key: str, data: bytes, url: str | None = None) -> dict:
-        self.images[key] = data
-        return downloaded(image_element(url or f"https://img.example.org/{key}.jpg", matched_text_index=0), key, data)
-
-    def pair(self, shard: str, doc_id: str, key: str, data: bytes, url: str | None = None) -> None:
-        document = make_pair(doc_id=doc_id, source=shard.split("/")[0], url="x", caption=f"caption of {doc_id}")
-        document["elements"][0] = self.image(key, data, url)
-        self.documents[shard].append(document)
 
 
 def build_test_set() -> TestSet:
@@ -136,36 +98,10 @@ def test_dedup_documents_drops_exactly_the_duplicates_in_shard_order():
     assert perceptual_hash(s.images["l3"]) != perceptual_hash(s.images["b1"])  # they really are different bytes
 
 
-def write_upstream(s: TestSet, storage: Storage) -> None:
-    """The test set as the filtering and download stages leave it: documents parquet and image tars per shard, and
-    their manifests where the IO manager keeps them."""
-    root = storage.layout.root
-    for key, documents in s.documents.items():
-        folder = root / "upstream" / key.replace("/", "_")
-        write_documents(documents, folder / "documents.parquet")
-        with tarfile.open(folder / "00000.tar", "w") as tar:
-            for document in documents:
-                for e in document["elements"]:
-                    if e["type"] == "image":
-                        info = tarfile.TarInfo(f"{e['key']}.jpg")
-                        info.size = len(s.images[e["key"]])
-                        tar.addfile(info, io.BytesIO(s.images[e["key"]]))
-        n_images = sum(e["type"] == "image" for d in documents for e in d["elements"])
-        filtered = FilteredShard(str(folder / "documents.parquet"), str(folder / "drops.parquet"),
-                                 {"min_similarity": 0.24}, len(documents), len(documents), n_images, n_images)
-        download = DownloadedShard(str(folder), str(folder / "documents.parquet"), str(folder / "status.parquet"),
-                                   [ShardFile(str(folder / "00000.tar"), (folder / "00000.tar").stat().st_size)],
-                                   {"ok": n_images}, 0, 0, {"encode_format": "jpg"})
-        for asset, manifest in (("filtered_documents", filtered), ("downloaded_images", download)):
-            path = root / "_manifests" / asset / f"{key}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(manifest)))
-
-
 def test_dedup_asset_removes_exactly_the_known_duplicates_with_counts_in_metadata(tmp_path):
     s = build_test_set()
     storage = Storage(root=str(tmp_path / "data"))
-    write_upstream(s, storage)
+    s.write(storage.layout.root)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("source_shards", list(s.documents))
         upstream = [dg.AssetSpec(key, partitions_def=source_shards) for key in ("filtered_documents", "downloaded_images")]
