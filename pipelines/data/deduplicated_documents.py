@@ -99,7 +99,7 @@ def dedup_shards(filtered: Mapping[str, FilteredShard], downloads: Mapping[str, 
     """Deduplicate the filtered documents of every shard against each other (in :func:`shard_order`), reading the
     images' bytes from the shards' downloads, into ``deduplicated_documents/<fingerprint>/``."""
     order = shard_order(filtered, config.source_priority)
-    version = fingerprint(asdict(config), [(k, filtered[k].path) for k in order])
+    version = fingerprint(asdict(config), [(k, asdict(filtered[k]), downloads[k].shards) for k in order])
     index = DedupIndex(config)
     shards: dict[str, FilteredShard] = {}
     hashes_paths: dict[str, str] = {}

@@ -21,8 +21,10 @@ An element is either text or image; unused fields are None::
      "matched_sim": 0.31, "source_id": "...",      # from the source
      "key": None, "status": None, "error": None, "sha256": None}   # filled by the download stage
 
-Interleaved documents place every image immediately before the sentence it is matched to (images
-matched to the same sentence keep their source order). Pairs are ``[image, text(caption)]``.
+MMC4 documents place every image immediately before the sentence it is matched to (images matched to
+the same sentence keep their source order); web documents given as parallel lists (OBELICS,
+OmniCorpus, MINT-1T) keep the source's order, each image matched to the text after it. Pairs are
+``[image, text(caption)]``.
 """
 
 from __future__ import annotations
