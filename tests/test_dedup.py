@@ -34,7 +34,7 @@ def test_hamming_index_finds_exactly_the_hashes_within_the_distance():
             assert (None if found is None else (found[1], found[0])) == expected
 
 
-class TestSet(Corpus):
+class DuplicateCorpus(Corpus):
     """Three shards of three sources, and ``expected``: every image drop as ``(doc_id, url, rule)``."""
 
     def __init__(self):
@@ -42,8 +42,8 @@ class TestSet(Corpus):
         self.expected: set[tuple[str, str, str]] = set()
 
 
-def build_test_set() -> TestSet:
-    s = TestSet()
+def build_test_set() -> DuplicateCorpus:
+    s = DuplicateCorpus()
     mmc4, laion, cc12m = s.documents
     photos = [jpeg(photo(i)) for i in range(12)]
     # MMC4 (deduplicated first): a story repeating its own image URL and one reusing another story's image URL
