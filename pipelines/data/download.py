@@ -3,7 +3,10 @@
 img2dataset does the fetching, resizing and shard writing. Around it this stage adds:
 
 - exact URL dedup (each distinct URL is fetched once, however many documents use it);
-- a host policy (:class:`pipelines.data.hosts.HostPolicy`) applied before anything is fetched;
+- a host policy (:class:`pipelines.data.hosts.HostPolicy`) applied to every URL before anything is fetched, and
+  in the workers to every redirect hop and to the address each connection goes to; a cap on the body bytes of a
+  response and on the pixels of an image, checked before the whole body is read or the image decoded
+  (:mod:`pipelines.data.fetch_guard`);
 - a retry pass that re-fetches only the retryable failures of *finished* shards and merges the
   recovered images into those shards under their original keys;
 - a status table with one final row per URL, joined back onto documents so every image element
@@ -44,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.data.documents import IMAGE_STATUS_OK, image_elements, write_documents
+from pipelines.data.fetch_guard import FetchGuard, refusal_reason
 from pipelines.data.hosts import HostPolicy
 from pipelines.files import atomic_path, read_tar, write_json
 
@@ -51,6 +55,7 @@ STATUS_SCHEMA = pa.schema([
     pa.field("url", pa.string(), nullable=False),
     pa.field("url_id", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),  # ok | refused | failed_to_download | failed_to_resize
+    # error: the reason (refused: the host policy's, or the body / pixel bound that was over)
     pa.field("error", pa.string()),
     pa.field("key", pa.string()),
     pa.field("shard", pa.string()),
@@ -70,9 +75,10 @@ def is_retryable(status: str, error: str | None) -> bool:
     """Default retry rule: download failures except permanent HTTP answers (404, 403, 410, ...).
 
     Timeouts, 5xx, resets and truncated bodies are retried; images that arrived but could not be
-    decoded or resized (``failed_to_resize``) are not: the server sent what it has.
+    decoded or resized (``failed_to_resize``) are not: the server sent what it has. Neither are refusals
+    (a host the policy refuses, a body or an image over its bound): they would be refused again.
     """
-    if status != "failed_to_download":
+    if status != "failed_to_download" or refusal_reason(error) is not None:
         return False
     match = _HTTP_CODE.search(error or "")
     return not (match and int(match.group(1)) in PERMANENT_HTTP_CODES)
@@ -94,7 +100,11 @@ class DownloadConfig:
     retries: int = 0
     """img2dataset's immediate per-URL retries (inside a shard)."""
     min_image_size: int = 0
-    max_image_area: float = float("inf")
+    max_image_area: int = 25_000_000
+    """Pixels (width x height) an image may have; larger ones are refused from their header, before decoding
+    (25 MP: a 5000 x 5000 photo; decoded RGB ~75 MB per worker)."""
+    max_body_bytes: int = 16 * 2**20
+    """Bytes a response body may have; a longer one is refused while streaming (a larger Content-Length before)."""
     max_aspect_ratio: float = float("inf")
     distributor: str = "multiprocessing"
     incremental_mode: str = "incremental"
@@ -154,13 +164,16 @@ def distinct_urls(documents: Iterable[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def run_img2dataset(url_list: Path, output_folder: Path, config: DownloadConfig, *, incremental_mode: str) -> None:
-    """Call ``img2dataset.download`` on a parquet url list (columns url, url_id), webdataset output."""
-    # albumentations (imported by img2dataset) phones home on import unless told not to.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+def run_img2dataset(url_list: Path, output_folder: Path, config: DownloadConfig, policy: HostPolicy, *,
+                    incremental_mode: str) -> None:
+    """Call ``img2dataset.download`` on a parquet url list (columns url, url_id), webdataset output, its workers
+    fetching under ``policy`` and the config's body and pixel bounds."""
+    from pipelines.data.img2dataset_guard import guarded_img2dataset  # first: it keeps albumentations offline
+
     from img2dataset import download
 
-    with _terminable_workers():
+    guard = FetchGuard(policy, config.max_body_bytes, config.max_image_area)
+    with _terminable_workers(), guarded_img2dataset(guard):
         download(
             url_list=str(url_list), output_folder=str(output_folder), output_format="webdataset",
             input_format="parquet", url_col="url", save_additional_columns=["url_id"], compute_hash="sha256",
@@ -217,12 +230,12 @@ def download_urls(
     url_list = output_dir / "urls.parquet"
     _write_url_list(allowed, url_list)
     if allowed:
-        run_img2dataset(url_list, shards_dir, config, incremental_mode=config.incremental_mode)
+        run_img2dataset(url_list, shards_dir, config, host_policy, incremental_mode=config.incremental_mode)
 
     retried = recovered = 0
     retry_counts = _load_retries(output_dir)
     for attempt in range(1, config.retry_passes + 1):
-        n_retried, n_recovered = retry_pass(output_dir, config, attempt, retry_counts)
+        n_retried, n_recovered = retry_pass(output_dir, config, host_policy, attempt, retry_counts)
         retried += n_retried
         recovered += n_recovered
         if n_retried == 0:
@@ -251,10 +264,12 @@ def _status_rows(shards_dir: Path, allowed: list[str], retry_counts: dict[str, i
     found: dict[str, dict[str, Any]] = {}
     for path in _shard_parquets(shards_dir):
         for row in pq.read_table(path).to_pylist():
+            refused = refusal_reason(row["error_message"])
             found[row["url"]] = {
                 "url": row["url"], "url_id": row["url_id"],
-                "status": IMAGE_STATUS_OK if row["status"] == "success" else row["status"],
-                "error": row["error_message"], "key": row["key"], "shard": path.stem, "sha256": row.get("sha256"),
+                "status": IMAGE_STATUS_OK if row["status"] == "success" else "refused" if refused else row["status"],
+                "error": refused or row["error_message"], "key": row["key"], "shard": path.stem,
+                "sha256": row.get("sha256"),
                 "width": row["width"], "height": row["height"], "original_width": row["original_width"],
                 "original_height": row["original_height"], "retries": retry_counts.get(row["url_id"], 0),
             }
@@ -279,7 +294,8 @@ def _save_retries(output_dir: Path, counts: dict[str, int]) -> None:
     write_json(output_dir / "retries.json", counts)
 
 
-def retry_pass(output_dir: Path, config: DownloadConfig, attempt: int, retry_counts: dict[str, int]) -> tuple[int, int]:
+def retry_pass(output_dir: Path, config: DownloadConfig, policy: HostPolicy, attempt: int,
+               retry_counts: dict[str, int]) -> tuple[int, int]:
     """Re-fetch the retryable failures of finished shards and merge successes into those shards.
 
     Returns ``(retried, recovered)``. Recovered images keep their original keys.
@@ -301,7 +317,7 @@ def retry_pass(output_dir: Path, config: DownloadConfig, attempt: int, retry_cou
     urls = [r["url"] for rows in failed.values() for r in rows]
     _write_url_list(urls, retry_dir / "urls.parquet")
     # A fresh folder each pass ("overwrite" would delete img2dataset's own _tmp folder on a new output).
-    run_img2dataset(retry_dir / "urls.parquet", retry_dir / "shards", config, incremental_mode="incremental")
+    run_img2dataset(retry_dir / "urls.parquet", retry_dir / "shards", config, policy, incremental_mode="incremental")
 
     fetched: dict[str, dict[str, Any]] = {}
     samples: dict[str, dict[str, bytes]] = {}
