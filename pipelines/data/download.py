@@ -41,14 +41,16 @@ import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from annotated_types import Ge, Gt, Interval
 
 from pipelines.data.documents import IMAGE_STATUS_OK, image_elements, write_documents
 from pipelines.data.fetch_guard import FetchGuard, refusal_reason
 from pipelines.data.hosts import HostPolicy
+from pipelines.fields import check_fields
 from pipelines.files import atomic_path, read_tar, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -88,39 +90,33 @@ def is_retryable(status: str, error: str | None) -> bool:
 class DownloadConfig:
     """img2dataset's knobs (same names) and weft's retry pass."""
 
-    image_size: int = 256
-    resize_mode: str = "border"
-    """no | border | keep_ratio | keep_ratio_largest | center_crop"""
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    processes_count: int = 1
-    thread_count: int = 32
-    number_sample_per_shard: int = 10_000
-    timeout: float = 10
-    retries: int = 0
+    image_size: Annotated[int, Ge(1)] = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: Annotated[int, Interval(ge=0, le=100)] = 95
+    processes_count: Annotated[int, Ge(1)] = 1
+    thread_count: Annotated[int, Ge(1)] = 32
+    number_sample_per_shard: Annotated[int, Ge(1)] = 10_000
+    timeout: Annotated[float, Gt(0)] = 10
+    retries: Annotated[int, Ge(0)] = 0
     """img2dataset's immediate per-URL retries (inside a shard)."""
-    min_image_size: int = 0
-    max_image_area: int = 25_000_000
+    min_image_size: Annotated[int, Ge(0)] = 0
+    max_image_area: Annotated[int, Ge(1)] = 25_000_000
     """Pixels (width x height) an image may have; larger ones are refused from their header, before decoding
     (25 MP: a 5000 x 5000 photo; decoded RGB ~75 MB per worker)."""
-    max_body_bytes: int = 16 * 2**20
+    max_body_bytes: Annotated[int, Ge(1)] = 16 * 2**20
     """Bytes a response body may have; a longer one is refused while streaming (a larger Content-Length before)."""
-    max_aspect_ratio: float = float("inf")
-    distributor: str = "multiprocessing"
-    incremental_mode: str = "incremental"
-    retry_passes: int = 1
+    max_aspect_ratio: Annotated[float, Gt(0)] = float("inf")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    incremental_mode: Literal["incremental", "overwrite", "extend"] = "incremental"
+    retry_passes: Annotated[int, Ge(0)] = 1
     """Passes over the failed URLs of finished shards (0 disables)."""
     retryable: Callable[[str, str | None], bool] = is_retryable
     disallowed_header_directives: tuple[str, ...] | None = None
     """None keeps img2dataset's default (noai, noimageai, noindex, noimageindex)."""
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"):
-            raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
-        if self.retry_passes < 0:
-            raise ValueError("retry_passes must be >= 0")
-        if self.number_sample_per_shard < 1:
-            raise ValueError("number_sample_per_shard must be >= 1")
+        check_fields(self)  # types, choices and ranges, from the annotations: before anything is fetched or made
 
     def img2dataset_kwargs(self) -> dict[str, Any]:
         kwargs = {
@@ -276,8 +272,9 @@ def _status_rows(shards_dir: Path, allowed: list[str], retry_counts: dict[str, i
     missing = [u for u in allowed if u not in found]
     if missing:
         raise RuntimeError(
-            f"{len(missing)} URLs have no row in any finished shard under {shards_dir} (first: {missing[0]}); "
-            "a shard failed in img2dataset — re-run the download to resume it"
+            f"{len(missing)} URLs have no row in any finished shard under {shards_dir} (first: {missing[0]}): "
+            "img2dataset gave up on a shard (its error is printed above as 'shard N failed with error ...'); "
+            "finished shards are kept, so once that cause is fixed a re-run fetches only the rest"
         )
     return [found[u] for u in allowed]
 
