@@ -20,6 +20,7 @@ from pipelines.data.shards import read_index
 from pipelines.data.tokenizer import TokenizerManifest
 from pipelines.files import fingerprint
 from pipelines.lineage import git_commit
+from pipelines.training.run_lock import run_folder_lock
 from pipelines.training.train import (
     TrainConfig,
     build_model,
@@ -123,8 +124,9 @@ def train_checkpoint(sequences: PackedSequences, tokenizer: TokenizerManifest, m
     else:
         torch.manual_seed(config.seed)
         built = build_model(config)
-    untrained = save_model(built, run_dir / "untrained" / "model")  # the step-0 baseline: same init, same VAE
-    result = train(config, model=built)
+    with run_folder_lock(run_dir):  # one writer: the untrained twin too
+        untrained = save_model(built, run_dir / "untrained" / "model")  # the step-0 baseline: same init, same VAE
+        result = train(config, model=built)
     index = read_index(sequences.path)
     return Checkpoint(
         run_dir=str(run_dir), checkpoint=str(result.checkpoint), model_dir=str(result.checkpoint / "model"),

@@ -11,6 +11,8 @@ step, plus ``event`` records for skipped batches, checkpoints and resumes), ``sa
 (the sample keys each rank consumed, per micro-batch: data lineage) and ``checkpoints/`` (see
 :mod:`model.checkpoint`). Started again on the same folder, training resumes from the latest
 checkpoint: weights, optimizer, step (the schedule is a function of it), each rank's data position and RNG.
+A folder has one writer: each rank holds its lock in ``.lock/`` (:mod:`pipelines.training.run_lock`) and a second
+training there stops before writing anything. Run alone, the rendezvous and gloo/NCCL listen on loopback only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -56,6 +59,7 @@ from pipelines.data.shards import read_index
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.fields import check_fields
 from pipelines.files import atomic_path, write_json, write_text
+from pipelines.training.run_lock import RunFolderLocked, run_folder_lock
 from pipelines.training.schedule import SCHEDULES, lr_factor
 
 logger = logging.getLogger(__name__)
@@ -220,35 +224,76 @@ def _deepspeed():
     return deepspeed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LOOPBACK_INTERFACES = ("lo", "lo0")
+"""Names of the loopback interface (Linux, macOS), for gloo's and NCCL's own sockets."""
+
+
+def _bind_to_loopback() -> None:
+    """gloo and NCCL open sockets of their own, on the interface the host name resolves to unless told: on one
+    machine, tell them loopback (a variable the user set wins)."""
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((name for name in LOOPBACK_INTERFACES if name in names), None)
+    if loopback is None:
+        logger.warning("no loopback interface among %s: gloo/NCCL bind where the host name resolves", sorted(names))
+        return
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, loopback)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_store() -> dist.TCPStore:
+    """A one-rank rendezvous store listening on 127.0.0.1 only (torch's binds every interface; it listens on a socket
+    bound here instead, and the port is the kernel's choice, so no race for a free one)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    # the store's server owns the socket from here on (it closes it when the store goes)
+    return dist.TCPStore("127.0.0.1", port, 1, True, master_listen_fd=listener.detach(), wait_for_workers=False)
 
 
 @contextlib.contextmanager
 def distributed() -> Iterator[tuple[int, int, int]]:
-    """(rank, world size, local rank). Launched by torchrun/deepspeed: their environment; alone: a one-rank
-    group on a free local port. Tears down only a group it created (env restored afterwards)."""
+    """(rank, world size, local rank). Launched by torchrun/deepspeed: their environment (``MASTER_ADDR`` decides
+    where the ranks meet; on loopback, gloo/NCCL bind there too); alone: a one-rank group whose rendezvous and
+    sockets listen on loopback only. Tears down only a group it created (env restored afterwards)."""
     deepspeed = _deepspeed()
     if dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
         return
-    alone = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    added = {k: v for k, v in alone.items() if k not in os.environ} if "RANK" not in os.environ else {}
-    os.environ.update(added)
+    launched = "RANK" in os.environ
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                             "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
     try:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not launched or _is_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1")):
+            _bind_to_loopback()
+        if not launched:
+            store = _loopback_store()
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(store.port)})
         local_rank = int(os.environ["LOCAL_RANK"])
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+        if not launched:
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts a group made here
         try:
             yield dist.get_rank(), dist.get_world_size(), local_rank
         finally:
             deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups (a later call re-inits)
     finally:
-        for key in added:
-            os.environ.pop(key, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _precision(config: TrainConfig) -> str:
@@ -452,7 +497,9 @@ def train(config: TrainConfig, *, model=None, data=None) -> TrainResult:
     :class:`EpochData`; a custom iterator's position is not checkpointed).
     """
     run_dir = Path(config.run_dir)
-    with distributed() as (rank, world_size, local_rank), cpu_threads(config.torch_threads):
+    # first: a training refused because another holds the folder must change nothing in it
+    with run_folder_lock(run_dir, int(os.environ.get("RANK", 0))), distributed() as (rank, world_size, local_rank), \
+            cpu_threads(config.torch_threads):
         deepspeed = _deepspeed()
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if rank == 0:
@@ -639,9 +686,9 @@ def run_from_arguments(args: argparse.Namespace) -> int:
     """Train the run the parsed command line describes; a bad config file or key exits naming it."""
     try:
         config = TrainConfig.from_json(args.config, dict(args.set or []))
-    except ValueError as error:
+        result = train(config)
+    except (ValueError, RunFolderLocked) as error:  # a bad config, a locked folder, a refused engine state
         raise SystemExit(str(error)) from None
-    result = train(config)
     print(f"step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
