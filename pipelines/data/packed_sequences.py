@@ -71,11 +71,16 @@ def pack_shards(filtered: Mapping[str, FilteredShard], downloads: Mapping[str, D
     """Pack the filtered documents of every shard (in key order; a recaptioned pair as its recaption, images from
     the shard's download) into ``packed_sequences/<fingerprint>/seq-NNNNNN.tar`` + ``index.json``."""
     recaptioned = {k: m for k, m in recaptions.items() if m.recaptioned}
+    versions = {"tokenizer": tokenizer.version, "documents": {k: m.version for k, m in filtered.items()},
+                "recaptions": {k: m.version for k, m in recaptioned.items()}}
     meta = {"packing": packing.to_dict(), "tokenizer": tokenizer.source,
             "filter_thresholds": {k: m.thresholds for k, m in filtered.items()},
             "documents": {k: m.path for k, m in filtered.items()},
-            "recaptions": {k: {"path": m.path, "captioner_version": m.captioner_version} for k, m in recaptioned.items()}}
-    out = layout.path("packed_sequences", fingerprint(meta, shards.samples_per_shard))
+            "recaptions": {k: {"path": m.path, "captioner_version": m.captioner_version} for k, m in recaptioned.items()},
+            "data_versions": versions}
+    # named by what it is made of (data versions and settings), never by where those inputs lie
+    identity = {"packing": packing.to_dict(), "filter_thresholds": meta["filter_thresholds"], **versions}
+    out = layout.path("packed_sequences", fingerprint(identity, shards.samples_per_shard))
     text_tokenizer = tokenizer.load()
     totals = PackingStats()
     skipped = BadRecordLog(keep=20)
