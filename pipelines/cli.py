@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-dir", default=None, help="the sample world's eval/ folder (<task>.jsonl splits)")
     evaluate.add_argument("--tasks", nargs="+", default=None, help="subset of the sample world's tasks (default: all)")
     evaluate.add_argument("--clip-scorer", default=None,
-                          help="a saved CLIP scorer folder (e.g. data/clip_scorer): CLIP score and CLIP-feature FID")
+                          help="a saved CLIP scorer folder (e.g. data/clip_scorer/<version>): CLIP score and CLIP-feature FID")
     evaluate.add_argument("--inception-weights", default=None, help="torchvision Inception-v3 state dict: FID proper")
     evaluate.add_argument("--benchmark", choices=BENCHMARKS, default=None, help="a real benchmark on local disk")
     evaluate.add_argument("--annotations", default=None, help="coco: dataset_coco.json (Karpathy split); vqav2, okvqa: "
