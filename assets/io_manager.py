@@ -25,6 +25,7 @@ import dagster as dg
 import pydantic
 
 from assets.resources import Storage
+from assets.runs import open_run
 from pipelines.data.errors import ShardFailure
 from pipelines.files import write_text
 
@@ -59,9 +60,17 @@ def _admits_failures(kind: Any) -> bool:
 
 
 class ManifestIOManager(dg.ConfigurableIOManager):
-    """JSON manifests under ``<root>/_manifests/<asset key>/[<partition key>.json | manifest.json]``."""
+    """JSON manifests under ``<root>/_manifests/<asset key>/[<partition key>.json | manifest.json]``.
+
+    Every step of a run opens it, so it is also where a run records its worker process and fails the runs whose
+    workers were killed (:mod:`assets.runs`)."""
 
     storage: dg.ResourceDependency[Storage]
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        failed = open_run(context.instance, context.run.run_id if context.run is not None else None)
+        if failed and context.log is not None:
+            context.log.warning(f"marked failed: runs {failed}, whose processes are gone (killed)")
 
     def _path(self, asset_key: dg.AssetKey, partition_key: str | None) -> Path:
         folder = self.storage.layout.root.joinpath("_manifests", *asset_key.path)

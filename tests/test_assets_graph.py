@@ -1,6 +1,7 @@
 """The whole data graph in process on a small sample world: assets, checks, metadata, re-filtering and
 a corrupted shard. One module-scoped run of the graph is shared; the destructive test runs last."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -52,14 +53,15 @@ class Graph:
         return [r.asset_materialization for r in records]
 
 
-@pytest.fixture(scope="module")
-def graph(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weft_data")
+@contextlib.contextmanager
+def _platform(root: Path, dagster_home: Path):
+    """A clone of the platform: its own storage root, instance and loopback server (another port) on the same small
+    world, with the sample world written and the data job run once."""
     # 3 raw shards (one per source), ~40 images; permanent faults only, so no retry pass is needed.
     world = SampleWorld(n_pairs=16, n_stories=6, n_eval=2, docs_per_shard=8)
     faults = {"not_found": 0.08, "server_error": 0.0, "truncated": 0.0, "not_image": 0.04, "transient": 0.0}
     with ImageServer(world.generate().routes(), SampleWorldImages(world=world, faults=faults).get().faults) as server, \
-            dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster_home"))) as instance:
+            dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
         resources = {
             **sample_world_resources(str(root), world),
             "images": SampleWorldImages(world=world, server_url=server.base_url, faults=faults),
@@ -75,6 +77,12 @@ def graph(tmp_path_factory):
         assert world_run.success
         g.keys = instance.get_dynamic_partitions("source_shards")
         g.result = g.run("sample_world_data")
+        yield g
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    with _platform(tmp_path_factory.mktemp("weft_data"), tmp_path_factory.mktemp("dagster_home")) as g:
         yield g
 
 
@@ -228,6 +236,34 @@ def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph
     assert all(v.name in text for v in PAPER_VARIANTS) and (Path(report.path) / "loss.png").is_file()
     assert json.loads((Path(report.path) / "results.json").read_text())["lineage"]["variants"]["256 tokens, no MMFS"] == {
         "num_visual_tokens": 256, "mmfs": False}
+
+
+def _data_versions(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str | None], str]:
+    return {(e.asset_key.to_user_string(), e.partition): e.step_materialization_data.materialization.tags["dagster/data_version"]
+            for e in result.get_asset_materialization_events()}
+
+
+def _model_files(root: Path) -> dict[Path, int]:
+    """The trained scorer's and captioner's files, with their modification times."""
+    return {p: p.stat().st_mtime_ns for stage in ("clip_scorer", "captioner") for p in (root / stage).rglob("*")
+            if p.is_file()}
+
+
+def test_a_second_clone_gets_the_same_data_versions_and_its_rerun_trains_no_model(graph, tmp_path_factory):
+    """Before the refilter test (which re-materializes with other thresholds): data versions come from content and
+    config, never from where the storage root lies or which port served the images."""
+    with _platform(tmp_path_factory.mktemp("clone_data"), tmp_path_factory.mktemp("clone_home")) as clone:
+        assert clone.server.base_url != graph.server.base_url and clone.root != graph.root
+        versions = _data_versions(clone.result)
+        assert {asset for asset, _ in versions} == set(DATA_ASSETS)
+        assert versions == _data_versions(graph.result)
+        models = _model_files(clone.root)
+        assert any(p.suffix == ".safetensors" for p in models) and any(p.name == "manifest.json" for p in models)
+        rerun = clone.run("sample_world_data")  # a second make demo
+        assert rerun.success and _data_versions(rerun) == versions
+        assert _model_files(clone.root) == models  # neither the scorer nor the captioner was trained again
+        captioner = clone.materializations("captioner")
+        assert len(captioner) == 2 and captioner[0].metadata["training_seconds"] == captioner[1].metadata["training_seconds"]
 
 
 def test_weekly_schedule_requests_one_refilter_run_over_every_shard(graph):

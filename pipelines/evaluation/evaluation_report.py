@@ -52,7 +52,7 @@ class EvaluationReport:
 
     @property
     def version(self) -> str:
-        return fingerprint(self.path, self.scores)
+        return fingerprint(Path(self.path).name, self.scores)  # the folder is named by its inputs; not where it lies
 
 
 def baseline_comparison(report: EvaluationReport) -> dict[str, tuple[Estimate, Estimate]]:
