@@ -2,7 +2,8 @@
 (:mod:`pipelines.data.decontamination`) before packing; what was removed, and why, is written beside the documents
 and recorded in the packed shards' lineage, which the evaluation report shows.
 
-Outputs, in a folder named by the fingerprint of the settings, the evaluation splits and the inputs::
+Outputs, in a folder named by the fingerprint of the settings, the evaluation splits and the inputs' data versions
+(never their paths)::
 
     decontaminated_documents/<fingerprint>/<source>/<shard>.parquet          the kept documents
     decontaminated_documents/<fingerprint>/<source>/<shard>.drops.parquet    every removal: rule and reason
@@ -25,7 +26,7 @@ from pipelines.data.decontamination import (
     EvaluationSplitsSource,
     decontaminate_documents,
 )
-from pipelines.data.deduplicated_documents import DeduplicatedDocuments, DocumentCounts, write_drops
+from pipelines.data.deduplicated_documents import DeduplicatedDocuments, DocumentCounts, shard_version, write_drops
 from pipelines.data.documents import read_documents, write_documents
 from pipelines.data.filtered_documents import FilteredShard
 from pipelines.data.filtering import Drop
@@ -74,7 +75,7 @@ def decontaminate_shards(deduplicated: DeduplicatedDocuments, recaptions: Mappin
     splits = splits_source.build()
     contamination = Contamination(splits, config)
     version = fingerprint(asdict(config), asdict(splits), deduplicated.version,
-                          {k: m.path for k, m in recaptions.items() if m.recaptioned})
+                          {k: m.version for k, m in recaptions.items() if m.recaptioned})
     shards: dict[str, FilteredShard] = {}
     total = DocumentCounts()
     rules: Counter[str] = Counter()
@@ -94,7 +95,8 @@ def decontaminate_shards(deduplicated: DeduplicatedDocuments, recaptions: Mappin
         drops_path = out.with_name(out.name.replace(".parquet", ".drops.parquet"))
         write_drops(drops, drops_path)
         shards[key] = FilteredShard(str(out), str(drops_path), deduplicated.shards[key].thresholds,
-                                    counts.documents_in, counts.documents_kept, counts.images_in, counts.images_kept)
+                                    counts.documents_in, counts.documents_kept, counts.images_in, counts.images_kept,
+                                    shard_version(version, key))
         total.add(counts)
         rules.update(d.rule for d in drops)
         examples += [f"{d.doc_id}: {d.rule}: {d.reason}" for d in drops][: EXAMPLES - len(examples)]

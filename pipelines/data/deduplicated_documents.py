@@ -3,7 +3,7 @@
 of shards and sources so that every run keeps the same first occurrence.
 
 Dedup is whole-corpus: a shard's result depends on every shard before it, so the stage takes all partitions and
-writes into a folder named by the fingerprint of its settings and inputs::
+writes into a folder named by the fingerprint of its settings and its inputs' data versions (never their paths)::
 
     deduplicated_documents/<fingerprint>/<source>/<shard>.parquet          the kept documents
     deduplicated_documents/<fingerprint>/<source>/<shard>.drops.parquet    every drop: rule and reason
@@ -70,7 +70,7 @@ class DeduplicatedDocuments:
     """The corpus deduplicated: per partition its kept documents, drops and image hashes, and the run's counts."""
 
     version: str
-    """The fingerprint of the settings and the inputs, which names the output folder."""
+    """The fingerprint of the settings and the inputs' data versions, which names the output folder."""
     shards: dict[str, FilteredShard]
     """Per partition: the kept documents (``path``), every drop with its rule and reason (``drops``), the filter's
     thresholds (carried on for the packed shards' lineage) and the counts in and out."""
@@ -94,12 +94,18 @@ class DeduplicatedDocuments:
                 **asdict(self.counts), "drops": {k: m.drops for k, m in self.shards.items()}}
 
 
+def shard_version(stage_version: str, key: str) -> str:
+    """The data version of one partition of a whole-corpus stage: the stage's (its settings and every input's data
+    version) and the partition's key."""
+    return fingerprint(stage_version, key)
+
+
 def dedup_shards(filtered: Mapping[str, FilteredShard], downloads: Mapping[str, DownloadedShard], config: DedupConfig,
                  layout: DataLayout, log: Callable[[str], None] = logger.info) -> DeduplicatedDocuments:
     """Deduplicate the filtered documents of every shard against each other (in :func:`shard_order`), reading the
     images' bytes from the shards' downloads, into ``deduplicated_documents/<fingerprint>/``."""
     order = shard_order(filtered, config.source_priority)
-    version = fingerprint(asdict(config), [(k, asdict(filtered[k]), downloads[k].shards) for k in order])
+    version = fingerprint(asdict(config), [(k, filtered[k].version, downloads[k].content) for k in order])
     index = DedupIndex(config)
     shards: dict[str, FilteredShard] = {}
     hashes_paths: dict[str, str] = {}
@@ -120,7 +126,8 @@ def dedup_shards(filtered: Mapping[str, FilteredShard], downloads: Mapping[str, 
         with atomic_path(hashes_path) as tmp:
             pq.write_table(pa.Table.from_pylist([asdict(h) for h in hashes], schema=HASHES_SCHEMA), tmp)
         shards[key] = FilteredShard(str(out), str(drops_path), filtered[key].thresholds, counts.documents_in,
-                                    counts.documents_kept, counts.images_in, counts.images_kept)
+                                    counts.documents_kept, counts.images_in, counts.images_kept,
+                                    shard_version(version, key))
         hashes_paths[key] = str(hashes_path)
         total.add(counts)
         shard_rules = Counter(d.rule for d in drops)

@@ -38,7 +38,8 @@ class FilteredShard:
     images_in: int
     images_kept: int
     version: str = ""
-    """The data version: the thresholds and the versions of the scores, download and recaptions it filtered."""
+    """The data version: the thresholds and the versions of the scores, download and recaptions it filtered (a shard
+    of dedup or decontamination: that stage's, :func:`pipelines.data.deduplicated_documents.shard_version`)."""
 
 
 @dataclass

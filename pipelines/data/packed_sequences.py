@@ -81,10 +81,10 @@ def pack_shards(filtered: Mapping[str, FilteredShard], downloads: Mapping[str, D
             "documents": {k: m.path for k, m in filtered.items()},
             "recaptions": {k: {"path": m.path, "captioner_version": m.captioner_version} for k, m in recaptioned.items()},
             "data_versions": versions, **(lineage or {})}
-    # named by what it is made of (data versions, settings and what earlier stages removed), never by where those
-    # inputs lie
+    # named by what it is made of (data versions and settings), never by where those inputs lie: what earlier stages
+    # removed is in the documents' data versions, so of the lineage (which names the drop files) only its stages count
     identity = {"packing": packing.to_dict(), "filter_thresholds": meta["filter_thresholds"], **versions,
-                "lineage": dict(lineage or {})}
+                "lineage": sorted(lineage or {})}
     out = layout.path("packed_sequences", fingerprint(identity, shards.samples_per_shard))
     text_tokenizer = tokenizer.load()
     totals = PackingStats()
