@@ -141,6 +141,9 @@ class DecoderConfig:
     """Maps LLM hidden states (document start .. ``<BoI>``) to the UNet's condition tokens (the paper: a
     1-layer Q-Former with 77 queries); ``None``: one condition token per context token
     (:mod:`model.condition`)."""
+    condition_rms: float = 4.0
+    """Per-token condition (``condition=None``) only: the RMS its tokens start at (an RMSNorm with a learned gain
+    initialised here ends :class:`~model.condition.TokenCondition`). See :mod:`model.condition` for why 4."""
     condition_layers: str = "last"
     """LLM states the condition reads: ``"last"`` (the final normalised hidden states, the paper) or ``"all"``
     (a learned mix of the embeddings and every layer's output; for LLMs trained from scratch, whose last
@@ -165,6 +168,8 @@ class DecoderConfig:
             raise ValueError("DecoderConfig needs diffusion_path or both unet_config and vae_config")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError("condition_dropout must be in [0, 1)")
+        if self.condition_rms <= 0:
+            raise ValueError(f"condition_rms must be > 0, got {self.condition_rms}")
 
 
 @dataclass
@@ -237,7 +242,7 @@ class MMInterleavedConfig:
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
             "cross_attention_dim": 32,
-            "attention_head_dim": 8,
+            "attention_head_dim": 2,  # diffusers reads this as the number of heads: 2 heads of 16 and 32 channels
             "norm_num_groups": 8,
         }
         vae = {
