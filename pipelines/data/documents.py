@@ -6,7 +6,7 @@ A document is a plain dict (picklable, cheap) that matches :data:`DOCUMENT_SCHEM
     {
       "doc_id": "mmc4:docs_shard_0_v2:17",   # source:shard:row, unique and stable across re-runs
       "source": "mmc4",                       # mmc4 | laion | cc12m | obelics | sample_world
-      "kind": "interleaved",                  # interleaved | pair
+      "kind": "interleaved",                  # interleaved | pair | instruction
       "source_file": "docs_shard_0_v2.jsonl.zip",
       "source_row": 17,                       # 1-based line (text formats) or 0-based row (parquet)
       "page_url": "https://...",              # MMC4's document url; None for pairs
@@ -23,6 +23,11 @@ An element is either text or image; unused fields are None::
 
 Interleaved documents place every image immediately before the sentence it is matched to (images
 matched to the same sentence keep their source order). Pairs are ``[image, text(caption)]``.
+
+Instruction documents (supervised fine-tuning data, :mod:`pipelines.data.instructions`) keep their
+elements in conversation order and give each a ``"role"``: :data:`INSTRUCTION_ROLE` (a human turn: context,
+not trained) or :data:`ANSWER_ROLE` (a gpt turn: trained). They are read from their JSON files straight
+into the packer; ``role`` is not a column of :data:`ELEMENT_TYPE`.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ DOCUMENT_SCHEMA = pa.schema(
     ]
 )
 
-KINDS = ("interleaved", "pair")
+KINDS = ("interleaved", "pair", "instruction")
+INSTRUCTION_ROLE, ANSWER_ROLE = "instruction", "answer"
+"""An instruction document's element roles: not trained (the prompt) / trained (the answer)."""
 IMAGE_STATUS_OK = "ok"
 
 
