@@ -11,11 +11,13 @@ from PIL import Image
 
 from model.batch import encode_document
 from pipelines.data.documents import image_element, make_document, text_element
+from pipelines.data.instructions import ImageFolder, read_instructions
 from pipelines.data.loader import NOT_TRAINED, collate_sequences, sequence_dataset
 from pipelines.data.packing import PackingConfig, pack_documents, pack_tokenized, tokenize_documents
 from pipelines.data.shards import write_shards
 from pipelines.data.tokenizer import token_ids, train_tokenizer
 from pipelines.sample_world.documents import world_texts
+from pipelines.sample_world.instructions import InstructionConfig, write_instructions
 from pipelines.sample_world.world import WorldConfig, generate_world
 
 N = 4  # image placeholders per image
@@ -152,6 +154,24 @@ def test_an_instruction_document_without_its_image_is_skipped_and_reported():
     (sequence,) = pack_documents(documents, tokenizer(), CONFIG, images=IMAGES, handler=seen.append)
     assert sequence.doc_ids == ["vqa"]
     assert [(r.file, r.line) for r in seen] == [("other", 0)] and "image not available" in seen[0].reason
+
+
+def test_the_sample_worlds_items_load_as_the_model_reads_them(tmp_path):
+    world = generate_world(WorldConfig(seed=1, n_pairs=4, n_stories=1, n_eval=2))
+    path = write_instructions(world, tmp_path / "raw", InstructionConfig(vqa_per_image=2))
+    documents = read_instructions(path, path.parent)
+    config = PackingConfig(max_length=160, num_image_tokens=N, seed=0)
+    sequences = list(pack_documents(documents, tokenizer(), config, images=ImageFolder(path.parent)))
+    samples = [s.to_sample(f"s{i}", ["png" if data.startswith(b"\x89PNG") else "jpg" for data in s.images])
+               for i, s in enumerate(sequences)]
+    write_shards(samples, tmp_path / "shards", maxcount=100)
+    loaded = list(sequence_dataset([str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))], image_size=(32, 32),
+                                   shuffle_buffer=1))
+    batch = collate_sequences(loaded, pad_token_id=token_ids(tokenizer()).pad)
+    assert batch.images.shape[0] == sum(len(s.images) for s in sequences) == int(batch.image_loss_mask.numel())
+    assert int(batch.image_loss_mask.sum()) == sum(s.image_trained.count(True) for s in sequences) > 0
+    trained = batch.labels != NOT_TRAINED
+    assert 0 < int(trained.sum()) < int((batch.document_ids >= 0).sum()) // 2
 
 
 def test_not_trained_is_the_models_ignore_index():
