@@ -194,7 +194,7 @@ def test_recaptioned_pairs_are_judged_by_their_recaption(graph):
 
 
 def test_instruction_sequences_read_the_sample_worlds_instruction_data_with_the_preset(graph):
-    """The sample world wrote raw/instructions/ (not a raw-shard partition); the preset points the SFT data there."""
+    """The sample world wrote raw/instructions/ (not a raw-shard partition), where the SFT data is read by default."""
     assert "instructions" not in {k.split("/")[0] for k in graph.keys}
     world = graph.materializations("sample_world")[0].metadata
     assert world["instruction_items"].value > 0

@@ -53,6 +53,8 @@ from pipelines.data.documents import (
 from pipelines.data.errors import BadRecord, Handler, warn_and_continue
 
 IMAGE_MARKER = "<image>"
+INSTRUCTIONS_DIR, INSTRUCTIONS_FILE = "instructions", "instructions.json"
+"""Where instruction data lies by default, under the raw folder (the sample world writes its own there)."""
 ROLES = {"human": INSTRUCTION_ROLE, "gpt": ANSWER_ROLE}
 """LLaVA's speakers and the roles of their turns."""
 
@@ -61,10 +63,10 @@ ROLES = {"human": INSTRUCTION_ROLE, "gpt": ANSWER_ROLE}
 class InstructionSources:
     """Where the instruction data lies."""
 
-    files: tuple[str, ...] = ("instructions/instructions.json",)
+    files: tuple[str, ...] = (f"{INSTRUCTIONS_DIR}/{INSTRUCTIONS_FILE}",)
     """LLaVA-style JSON files (a list of items each); a relative path is under the raw folder (where the sample
     world writes its own)."""
-    image_dir: str = "instructions"
+    image_dir: str = INSTRUCTIONS_DIR
     """The folder the items' image paths are relative to; a relative path is under the raw folder."""
 
     def __post_init__(self) -> None:

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.data.instructions import INSTRUCTIONS_DIR, INSTRUCTIONS_FILE
 from pipelines.files import atomic_path
 from pipelines.sample_world.scenes import Scene, encode, label_map_image, render
 from pipelines.sample_world.world import SampleWorld, _questions, caption
 
 INSTRUCTION_KINDS = ("vqa", "captioning", "grounding", "seg_to_image")
-INSTRUCTIONS_DIR = "instructions"
-INSTRUCTIONS_FILE = "instructions.json"
 
 
 @dataclass(frozen=True)
