@@ -12,7 +12,7 @@ from pipelines.data.errors import BadRecordLog, reraise
 from pipelines.data.instructions import ImageFolder, InstructionSources, read_instructions, vqa_instructions
 from pipelines.evaluation.benchmarks import read_vqa
 from pipelines.sample_world.instructions import InstructionConfig, write_instructions
-from pipelines.sample_world.world import WorldConfig, _questions, caption, generate_world
+from pipelines.sample_world.world import WorldConfig, caption, generate_world, scene_questions
 
 
 def _image(path: Path, fmt: str, colour=(200, 30, 30)) -> None:
@@ -142,7 +142,7 @@ def test_sample_world_instruction_file_round_trips_through_the_reader(tmp_path):
         assert keys == [("instruction", f"images/{image_id}.jpg")]
         if kind == "vqa":  # asked as the VQA benchmark asks: [image, question] -> answer
             question = {"question": texts[0][1], "answer": texts[1][1]}
-            assert question in [{"question": q["question"], "answer": q["answer"]} for q in _questions(scene)]
+            assert question in [{"question": q["question"], "answer": q["answer"]} for q in scene_questions(scene)]
         elif kind == "caption":  # captioning: [image] -> caption, lower-cased as pairs are packed
             assert texts == [("answer", caption(scene).lower())]
         else:

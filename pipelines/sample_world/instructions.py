@@ -32,7 +32,7 @@ from typing import Any
 from pipelines.data.instructions import INSTRUCTIONS_DIR, INSTRUCTIONS_FILE
 from pipelines.files import atomic_path
 from pipelines.sample_world.scenes import Scene, encode, label_map_image, render
-from pipelines.sample_world.world import SampleWorld, _questions, caption
+from pipelines.sample_world.world import SampleWorld, caption, scene_questions
 
 INSTRUCTION_KINDS = ("vqa", "captioning", "grounding", "seg_to_image")
 
@@ -80,7 +80,7 @@ def image_items(image_id: str, scene: Scene, config: InstructionConfig, seed: in
     items = []
     kinds = config.instruction_kinds
     if "vqa" in kinds:
-        questions = _questions(scene)
+        questions = scene_questions(scene)
         for k, q in enumerate(rng.sample(questions, min(config.vqa_per_image, len(questions)))):
             items.append(_item(f"{image_id}-vqa-{k}", [image], f"<image>\n{q['question']}", q["answer"]))
     if "captioning" in kinds:
