@@ -56,7 +56,9 @@ class DecoderContext:
 
 
 class SkipMMFS(nn.Module):
-    """MMFS on one UNet feature map, returning a zero-initialised residual for its skip connection."""
+    """MMFS on one UNet feature map, returning a zero-initialised residual for its skip connection: exactly
+    zero for an image that sees no earlier image, so sampling it with or without an empty context agrees with
+    how it was trained."""
 
     def __init__(self, config: MMFSConfig, channels: int, feature_dim: int, num_levels: int) -> None:
         super().__init__()
@@ -77,7 +79,8 @@ class SkipMMFS(nn.Module):
         visible = context.visible[:, None, :].expand(n, h * w, -1)
         relative = context.relative_position[:, None, :].expand(n, h * w, -1)
         out = self.mmfs(query, reference, features, visible, relative)
-        return self.zero_conv(out.transpose(1, 2).reshape(n, c, h, w))
+        sees = context.visible.any(-1).to(feature.dtype)[:, None, None, None]
+        return self.zero_conv(out.transpose(1, 2).reshape(n, c, h, w)) * sees
 
 
 def load_diffusion_components(config: DecoderConfig) -> tuple[UNet2DConditionModel, AutoencoderKL, dict]:

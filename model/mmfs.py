@@ -10,7 +10,8 @@ Differences from the public release, on purpose:
 - The "no image" sink is one slot per (query, head) with logit 0 and a zero output. The release
   has one slot per (image, level) with logit ``-log(K*L)``: the same total sink mass
   (``K*L * exp(-log(K*L)) = 1 = exp(0)``), but ours is also well defined when a query sees no
-  image at all (all weight goes to the sink; the sampled vector is exactly zero).
+  image at all: all weight goes to the sink, and the output is exactly zero (the output projection's
+  bias is not added either), so a query without images is the same as no MMFS at all.
 - Invisible images get ``-inf`` logits (exactly zero weight), not ``-1e4``.
 """
 
@@ -151,7 +152,7 @@ class MMFS(nn.Module):
         heads, points, levels = self.config.num_heads, self.config.num_points, self.num_levels
         head_dim = self.config.hidden_size // heads
         if k == 0:
-            return self.output_proj(query.new_zeros(n, lq, self.config.hidden_size))
+            return query.new_zeros(n, lq, self.output_proj.out_features)
 
         # 1. one query per (token, image): dynamic query + relative image position
         rel = relative_position.clamp(0, self.config.max_images)
@@ -186,7 +187,7 @@ class MMFS(nn.Module):
             locations.to(values.dtype).contiguous(),
             weights.to(values.dtype).contiguous(),
         )  # (N, Lq, hidden)
-        return self.output_proj(sampled)
+        return self.output_proj(sampled) * visible.any(-1, keepdim=True).to(sampled.dtype)
 
 
 def visibility_and_relative_position(

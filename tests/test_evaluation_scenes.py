@@ -40,13 +40,13 @@ def test_scene_miou_falls_when_an_object_moves():
     assert scene_miou(moved, TARGET) < 0.8
 
 
-def test_objects_drawn_where_the_target_has_none_count_as_wrong():
+def test_objects_drawn_where_the_target_has_none_count_as_wrong_in_the_strict_accuracy():
     """A canvas cluttered with blobs must not score: every blob in an empty cell is four wrong facts."""
     clutter = Scene(objects=tuple(Shape("circle", "red", "large", r, c) for r in range(3) for c in range(3)))
     score = score_scene(clutter, TARGET)
     assert score.extra_objects == 7
-    # right: the red circle (4 facts) and the blue square's position (1); asked: 4 x (2 targets + 7 extra)
-    assert score.accuracy == pytest.approx(5 / 36)
+    # right: the red circle (4 facts) and the blue square's position (1) of 8 asked; strict: of 4 x (2 + 7)
+    assert score.accuracy == pytest.approx(5 / 8) and score.strict_accuracy == pytest.approx(5 / 36)
     assert score.attributes == {"position": 1.0, "colour": 0.5, "shape": 0.5, "size": 0.5, "digit": None}
 
 

@@ -40,6 +40,8 @@ def context_for(n, k, channels=32, seed=0):
 
 
 def test_decoder_mmfs_is_zero_at_init_and_live_after_the_zero_convs_move(config):
+    """...and stays exactly zero for an image that sees no earlier image, trained biases and all: training runs
+    such images with an empty context, sampling may pass none."""
     torch.manual_seed(0)
     decoder = ImageDecoder(config.decoder, llm_hidden_size=64, feature_dim=32, num_levels=4).eval()
     assert len(decoder.skip_mmfs) == 3  # resnet + downsampler of block 0, resnet of block 1
@@ -52,7 +54,11 @@ def test_decoder_mmfs_is_zero_at_init_and_live_after_the_zero_convs_move(config)
         torch.testing.assert_close(decoder.unet_forward(latents, t, condition, context), plain)
         for block in [*decoder.skip_mmfs, decoder.mid_mmfs]:
             torch.nn.init.normal_(block.zero_conv.weight, std=0.1)
+            torch.nn.init.normal_(block.zero_conv.bias, std=0.1)
+            torch.nn.init.normal_(block.mmfs.output_proj.bias, std=0.1)
         with_images = decoder.unet_forward(latents, t, condition, context)
+        unseen = DecoderContext(context.features, torch.zeros_like(context.visible), context.relative_position * 0)
+        torch.testing.assert_close(decoder.unet_forward(latents, t, condition, unseen), plain)
         changed = context_for(2, 2, seed=1)
         with_other_images = decoder.unet_forward(latents, t, condition, changed)
     assert not torch.allclose(with_images, plain)

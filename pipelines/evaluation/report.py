@@ -148,8 +148,9 @@ def _notes(results: Mapping[str, EvaluationResult]) -> list[str]:
     lines = ["How to read the image rows: `*_floor` scores each output against another item's target (a generator "
              "that ignores its prompt scores there), `*_blank` an empty canvas; `vae_ceiling` is what the model's VAE "
              "lets any generator reach (ground truth through encode -> decode), `rendered` the parser's own ceiling "
-             "at the model's resolution. `extra_objects` counts objects drawn where the target has none; each counts "
-             "as four wrong facts in `attribute_accuracy`.", ""]
+             "at the model's resolution. `attribute_accuracy` is the share of the target objects' facts (position, "
+             "colour, shape, size) drawn right; `strict_accuracy` also counts each of the `extra_objects` (objects "
+             "drawn where the target has none) as four wrong facts, so clutter does not score.", ""]
     for label, result in results.items():
         clip = result.clip
         if clip is None:

@@ -172,12 +172,12 @@ def _parsed(images: Sequence[Image.Image | None], size: int) -> list[Scene]:
 
 
 def _scene_scores(images: Sequence[Image.Image | None], targets: Sequence[Scene], size: int) -> dict[str, list[float]]:
-    """Attribute accuracy, its :data:`BREAKDOWN` and extra objects, plus the floor: each output against the
-    next item's target."""
+    """Attribute accuracy (and its strict form, which counts objects drawn where the target has none), its
+    :data:`BREAKDOWN` and extra objects, plus the floor: each output against the next item's target."""
     predicted = _parsed(images, size)
     scored = [score_scene(p, t) for p, t in zip(predicted, targets)]
     shuffled = list(targets[1:]) + list(targets[:1])
-    scores = {"attribute_accuracy": [s.accuracy for s in scored]}
+    scores = {"attribute_accuracy": [s.accuracy for s in scored], "strict_accuracy": [s.strict_accuracy for s in scored]}
     for name in BREAKDOWN:
         values = [s.attributes[name] for s in scored if s.attributes[name] is not None]
         if values:

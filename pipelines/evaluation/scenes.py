@@ -4,10 +4,10 @@ Because every sample-world image is a rendering of a known :class:`Scene`, gener
 scored attribute by attribute instead of by a learned metric:
 
 - :func:`score_scene`: per target object, is there an object in its grid cell (position) and does
-  it have the target's colour, shape and size; the digit when the target has one. Objects drawn in
-  cells the target leaves empty count as wrong objects, so an image cluttered with colour blobs
-  does not score (before they counted, parsed noise scored ~0.45: a blob in every cell gets every
-  position right and a third of shapes by chance).
+  it have the target's colour, shape and size; the digit when the target has one. That accuracy
+  alone rewards clutter (parsed noise scores ~0.45: a blob in every cell gets every position right
+  and a third of shapes by chance), so a strict accuracy also counts every object drawn in a cell
+  the target leaves empty as four wrong facts.
 - :func:`object_miou`: mean IoU of the label maps over the object labels (one per colour, and the
   digit) present in either map, background left out — so a blank image scores 0, where an mIoU that
   counts the background gives it ~0.3.
@@ -31,14 +31,16 @@ class SceneScore:
     """How well a predicted scene matches its target.
 
     Attributes:
-        accuracy: right (object, attribute) facts / asked ones, in [0, 1]: 4 facts per target object,
-            and 4 wrong ones per predicted object in a cell the target leaves empty.
+        accuracy: right (target object, attribute) facts / 4 per target object, in [0, 1].
+        strict_accuracy: the same with 4 more wrong facts per predicted object in a cell the target
+            leaves empty.
         attributes: per :data:`BREAKDOWN` name, the fraction of target objects that got it right
             (``digit``: 1 or 0 when the target has a digit, else None).
         extra_objects: predicted objects in cells the target leaves empty.
     """
 
     accuracy: float
+    strict_accuracy: float
     attributes: dict[str, float | None]
     extra_objects: int
 
@@ -60,9 +62,10 @@ def score_scene(predicted: Scene, target: Scene) -> SceneScore:
     n = len(target.objects)
     attributes: dict[str, float | None] = {a: (right[a] / n if n else None) for a in ATTRIBUTES}
     attributes["digit"] = None if target.glyph is None else float(predicted.glyph == target.glyph)
-    asked = len(ATTRIBUTES) * (n + extra)
-    accuracy = sum(right.values()) / asked if asked else 1.0
-    return SceneScore(accuracy, attributes, extra)
+    if not n:
+        return SceneScore(float(not predicted.objects), float(not predicted.objects), attributes, extra)
+    facts = sum(right.values())
+    return SceneScore(facts / (len(ATTRIBUTES) * n), facts / (len(ATTRIBUTES) * (n + extra)), attributes, extra)
 
 
 def attribute_accuracy(predicted: Scene, target: Scene) -> float:
