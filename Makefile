@@ -29,10 +29,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# 1. write the sample world and register its shards; 2. run the data graph over them, train the checkpoint
-# on its shards and write the evaluation report.
+# 0. check the run config (one line per problem, naming file and key); 1. write the sample world and register its
+# shards; 2. run the data graph over them, train the checkpoint on its shards and write the evaluation report.
 demo: setup
 	mkdir -p dagster_home
+	$(PY) -m orchestration.check_config sample_world_main orchestration/presets/sample_world.yaml
 	$(DAGSTER) asset materialize -m orchestration.definitions --select sample_world
 	$(DAGSTER) job execute -m orchestration.definitions -j sample_world_main \
 		-c orchestration/presets/sample_world.yaml --tags '$(SAMPLE_WORLD_SHARDS)'
@@ -40,6 +41,7 @@ demo: setup
 
 # Paper Tab. 6(a) on the data of make demo: per variant packed sequences and a checkpoint, then one report.
 ablation: setup
+	$(PY) -m orchestration.check_config mmfs_ablation orchestration/presets/ablation.yaml
 	$(DAGSTER) job execute -m orchestration.definitions -j mmfs_ablation \
 		-c orchestration/presets/ablation.yaml --tags '$(ABLATION_VARIANTS)'
 	@echo "report: $$(ls -td data/mmfs_ablation/*/ | head -1)report.md"

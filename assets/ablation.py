@@ -12,7 +12,7 @@ from assets.settings import stage_fields
 from assets.training import RUN_INPUTS
 from pipelines.data.clip_score import ClipScorerManifest
 from pipelines.data.downloaded_images import DownloadedShard
-from pipelines.data.filtered_documents import FilteredShard
+from pipelines.data.decontaminated_documents import DecontaminatedDocuments
 from pipelines.data.packed_sequences import PackedSequences, SequenceShards
 from pipelines.data.packing import PackingConfig
 from pipelines.data.recaptions import RecaptionedShard
@@ -40,19 +40,20 @@ class AblationTrainingSettings(stage_fields(TrainConfig, exclude=(*RUN_INPUTS, "
 
 
 @dg.asset(group_name="ablation", partitions_def=ablation_variants, backfill_policy=single_run, kinds={"webdataset"},
-          ins={"filtered_documents": EVERY_SHARD, "downloaded_images": EVERY_SHARD, "recaptions": EVERY_SHARD})
+          ins={"downloaded_images": EVERY_SHARD, "recaptions": EVERY_SHARD})
 def ablation_sequences(
     context: dg.AssetExecutionContext,
     config: AblationPackingSettings,
     storage: Storage,
     tokenizer: TokenizerManifest,
-    filtered_documents: dict[str, FilteredShard],
+    decontaminated_documents: DecontaminatedDocuments,
     downloaded_images: dict[str, DownloadedShard],
     recaptions: dict[str, RecaptionedShard],
 ) -> dict[str, PackedSequences]:
-    """The filtered documents packed for each variant's visual tokens."""
-    return pack_variants(context.partition_keys, filtered_documents, downloaded_images, recaptions, tokenizer,
-                         config.to(PackingConfig), config.to(SequenceShards), storage.layout, log=context.log.info)
+    """The training documents (filtered, deduplicated, decontaminated) packed for each variant's visual tokens."""
+    return pack_variants(context.partition_keys, decontaminated_documents.shards, downloaded_images, recaptions,
+                         tokenizer, config.to(PackingConfig), config.to(SequenceShards), storage.layout,
+                         log=context.log.info)
 
 
 @dg.asset(group_name="ablation", partitions_def=ablation_variants, backfill_policy=single_run,

@@ -19,7 +19,7 @@ from pipelines.data.downloaded_images import (
 from pipelines.data.raw_documents import RawShard
 
 
-class DownloadSettings(stage_fields(DownloadConfig, exclude=("max_image_area", "max_aspect_ratio", "retryable"))):
+class DownloadSettings(stage_fields(DownloadConfig, exclude=("max_aspect_ratio", "retryable"))):
     """img2dataset's knobs and weft's retry pass (:class:`pipelines.data.download.DownloadConfig`)."""
 
 

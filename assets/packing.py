@@ -1,5 +1,5 @@
-"""Tokenizer and packed sequences: filtered documents as WebDataset shards of sequences of at most ``max_length``
-tokens (2048 in the paper, 320 in the sample world's preset)."""
+"""Tokenizer and packed sequences: the filtered, deduplicated and decontaminated documents as WebDataset shards of
+sequences of at most ``max_length`` tokens (2048 in the paper, 320 in the sample world's preset)."""
 
 from dataclasses import asdict
 
@@ -8,8 +8,9 @@ import dagster as dg
 from assets.metadata import bullets, table
 from assets.resources import PretrainedTokenizer, SampleWorldTokenizer, Storage
 from assets.settings import stage_fields
+from pipelines.data.decontaminated_documents import DecontaminatedDocuments
+from pipelines.data.deduplicated_documents import DeduplicatedDocuments
 from pipelines.data.downloaded_images import DownloadedShard
-from pipelines.data.filtered_documents import FilteredShard
 from pipelines.data.packed_sequences import (
     PackedSequences,
     SequenceShards,
@@ -44,15 +45,19 @@ def packed_sequences(
     config: PackingSettings,
     storage: Storage,
     tokenizer: TokenizerManifest,
-    filtered_documents: dict[str, FilteredShard],
+    deduplicated_documents: DeduplicatedDocuments,
+    decontaminated_documents: DecontaminatedDocuments,
     downloaded_images: dict[str, DownloadedShard],
     recaptions: dict[str, RecaptionedShard],
 ) -> dg.Output[PackedSequences]:
-    """Tokenize and pack every filtered shard's documents (a recaptioned pair as its recaption) and write them as
-    WebDataset tars with an index (sample count, bytes, sha256 per shard). The output folder is named by the
-    inputs' fingerprint, so an interrupted run resumes and changed inputs never mix with old shards."""
-    sequences = pack_shards(filtered_documents, downloaded_images, recaptions, tokenizer, config.to(PackingConfig),
-                            config.to(SequenceShards), storage.layout, log=context.log.info)
+    """Tokenize and pack every shard's filtered, deduplicated and decontaminated documents (a recaptioned pair as its
+    recaption) and write them as WebDataset tars with an index (sample count, bytes, sha256 per shard; the lineage:
+    thresholds, what dedup and decontamination removed). The output folder is named by the inputs' fingerprint, so an
+    interrupted run resumes and changed inputs never mix with old shards."""
+    lineage = {"dedup": deduplicated_documents.lineage(), "decontamination": decontaminated_documents.lineage()}
+    sequences = pack_shards(decontaminated_documents.shards, downloaded_images, recaptions, tokenizer,
+                            config.to(PackingConfig), config.to(SequenceShards), storage.layout, log=context.log.info,
+                            lineage=lineage)
     return dg.Output(sequences, metadata=_metadata(sequences), data_version=dg.DataVersion(sequences.version))
 
 
@@ -67,6 +72,8 @@ def _metadata(sequences: PackedSequences) -> dict:
                         ("shard", "")),
         "bytes": sequences.bytes,
         "filter_thresholds": sequences.filter_thresholds,
+        "removed_by_dedup": sequences.meta["dedup"]["drops_by_rule"],
+        "removed_by_decontamination": sequences.meta["decontamination"]["removed"],
         "recaptioned_shards": sorted(sequences.meta["recaptions"]),
         "packing": asdict(sequences.packing),
         "path": dg.MetadataValue.path(sequences.path),

@@ -14,6 +14,9 @@ Where there are two, the sample world's small one and the real one are both real
   another seed), :class:`PretrainedClipScorer` (an open_clip checkpoint on local disk).
 - Captioners (``captioner_source``): :class:`SampleWorldCaptioner` (a tiny BLIP-2 trained on a world of another
   seed), :class:`PretrainedCaptioner` (a BLIP-2 directory on local disk).
+- Evaluation splits that training data is decontaminated against (``evaluation_splits``):
+  :class:`SampleWorldEvaluationSplits` (the world's held-out splits), :class:`BenchmarkEvaluationSplits` (real
+  benchmark files on local disk).
 - :class:`Compute`: the device and CPU threads of every stage that runs torch.
 - :class:`QualityBounds`: the bounds the asset checks hold the data to.
 """
@@ -31,6 +34,8 @@ from pipelines.data.hosts import HostPolicy
 from pipelines.data.layout import DataLayout
 from pipelines.data.recaption import PretrainedBlip2
 from pipelines.data.tokenizer import PretrainedTokenizer as PretrainedTokenizerSource
+from pipelines.evaluation.contamination import BenchmarkSplits
+from pipelines.sample_world.contamination import WorldEvaluationSplits
 from pipelines.sample_world.formats import ShardSizes
 from pipelines.sample_world.images import SampleWorldImages as SampleWorldImageSource
 from pipelines.sample_world.instructions import InstructionConfig
@@ -115,6 +120,15 @@ class PretrainedCaptioner(stage_fields(PretrainedBlip2, base=StageResource)):
     """A BLIP-2 directory (``save_pretrained`` layout) on local disk, never downloaded."""
 
 
+class SampleWorldEvaluationSplits(stage_fields(WorldEvaluationSplits, exclude=("world",), base=SampleWorldSource)):
+    """The sample world's held-out evaluation splits (images and texts), which training data is checked against."""
+
+
+class BenchmarkEvaluationSplits(stage_fields(BenchmarkSplits, base=StageResource)):
+    """Real benchmark files on local disk (COCO Karpathy, VQAv2, OK-VQA, TextVQA), which training data is checked
+    against."""
+
+
 class Compute(stage_fields(compute.Compute, base=StageResource)):
     """Where the stages that run torch run: device and CPU threads (:class:`pipelines.compute.Compute`)."""
 
@@ -126,3 +140,5 @@ class QualityBounds(dg.ConfigurableResource):
     min_download_success_rate: float = Field(default=0.5, description="Image URLs downloaded.")
     min_filter_pass_rate: float = Field(default=0.05, description="Documents kept by filtering.")
     max_filter_pass_rate: float = Field(default=1.0, description="Documents kept by filtering.")
+    max_dedup_rate: float = Field(default=0.5, description="Images dropped as duplicates (URL, sha256, perceptual "
+                                                            "hash) of the images deduplicated.")

@@ -40,8 +40,10 @@ def _field_docs(stage: type) -> dict[str, str]:
 
 def _config_type(hint: Any) -> Any:
     """The Dagster-config type of a dataclass field's type (tuples and frozensets -> lists, Path -> str, dataclass ->
-    config)."""
+    config; ``Annotated`` ranges and ``Literal`` choices kept, so pydantic and Dagster check them)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return typing.Annotated[(_config_type(args[0]), *args[1:])]
     if origin in (tuple, frozenset):
         return list[_config_type(args[0])]
     if origin in (typing.Union, types.UnionType):
@@ -70,7 +72,7 @@ def stage_fields(*stages: type, exclude: tuple[str, ...] = (), base: type | None
     base = base or StageConfig
     fields: dict[str, Any] = {}
     for stage in stages:
-        hints, docs = typing.get_type_hints(stage), _field_docs(stage)
+        hints, docs = typing.get_type_hints(stage, include_extras=True), _field_docs(stage)
         for field in dataclasses.fields(stage):
             if field.name in exclude:
                 continue
@@ -100,6 +102,8 @@ def _stage_value(value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None:
         return None
+    if origin is typing.Annotated:
+        return _stage_value(value, args[0])
     if origin in (typing.Union, types.UnionType):
         return _stage_value(value, next(a for a in args if a is not type(None)))
     if origin in (tuple, frozenset):

@@ -2,17 +2,33 @@
 
 import dagster as dg
 
+from assets.io_manager import with_failures
 from assets.metadata import bullets, per_second, table
 from assets.partitions import single_run, source_shards
 from assets.resources import QualityBounds, Storage
+from pipelines.data.errors import ShardFailure
 from pipelines.data.raw_documents import RawDocuments, RawShard, parse_rate, read_raw_shards
 
+RAW_SHARDS = with_failures(RawShard)
+"""Per partition its RawShard, or the ShardFailure of a shard that could not be read."""
 
-@dg.asset(group_name="sources", partitions_def=source_shards, backfill_policy=single_run, kinds={"parquet"})
-def raw_documents(context: dg.AssetExecutionContext, storage: Storage) -> dg.Output[dict[str, RawShard]]:
-    """Read each raw shard (MMC4 jsonl/jsonl.zip, LAION parquet, CC-12M tsv); every bad record is counted with its reason."""
+
+@dg.asset(group_name="sources", partitions_def=source_shards, backfill_policy=single_run, kinds={"parquet"},
+          dagster_type=RAW_SHARDS)
+def raw_documents(context: dg.AssetExecutionContext, storage: Storage) -> dg.Output:
+    """Read each raw shard (MMC4, LAION, CC-12M, OBELICS, OmniCorpus, MINT-1T, by its folder); every bad record is
+    counted with its reason. A shard that cannot be read fails alone: its partition is quarantined with the file and
+    the cause (its metadata, the run's log, the shards-readable check), the others materialize; a run in which no
+    shard can be read fails."""
     result = read_raw_shards(context.partition_keys, storage.layout, log=context.log.info)
-    return dg.Output(result.shards, metadata=_metadata(result), data_version=dg.DataVersion(result.version))
+    for key, failure in result.failures.items():
+        context.log.error(f"{key}: quarantined, {failure}")
+        context.add_asset_metadata({"failed": str(failure)}, partition_key=key)
+    if not result.shards:
+        raise dg.Failure(description="no raw shard of the run could be read: "
+                         + "; ".join(f"{k}: {f}" for k, f in result.failures.items()))
+    return dg.Output({**result.shards, **result.failures}, metadata=_metadata(result),
+                     data_version=dg.DataVersion(result.version))
 
 
 def _metadata(result: RawDocuments) -> dict:
@@ -25,7 +41,18 @@ def _metadata(result: RawDocuments) -> dict:
         "documents_per_second": per_second(result.documents, result.seconds),
         "shards": table({k: f"{m.documents} docs, {m.bad_records} bad" for k, m in result.shards.items()}, ("shard", "")),
         "bad_record_examples": bullets(f"`{r}`" for r in result.bad_examples[:20]),
+        "skipped_images": sum(m.skipped_images for m in shards),
+        "failed_shards": table({k: str(f) for k, f in result.failures.items()}, ("shard", "file: cause")),
     }
+
+
+@dg.asset_check(asset=raw_documents, description=(
+    "Every raw shard of the run could be read; a shard that could not is named with its file and cause (its partition "
+    "is quarantined: later stages leave it out)."))
+def raw_documents_shards_readable(raw_documents: RAW_SHARDS) -> dg.AssetCheckResult:
+    failed = {k: str(m) for k, m in raw_documents.items() if isinstance(m, ShardFailure)}
+    return dg.AssetCheckResult(passed=not failed, metadata={
+        "shards_read": len(raw_documents) - len(failed), "failed_shards": table(failed, ("shard", "file: cause"))})
 
 
 @dg.asset_check(asset=raw_documents, description="Share of raw records that parse is above the configured floor.")

@@ -7,11 +7,12 @@ Layout of ``{run_dir}/checkpoints/step-{step:08d}/``:
 - ``trainer_state.json``: step, world size, the training config, the last step's metrics;
 - ``rank{r}.safetensors``: rank ``r``'s RNG states (tensors) and its data position (metadata);
 - ``engine/``: the DeepSpeed engine state (optimizer partitions and fp32 master weights per rank,
-  engine counters) as written by ``engine.save_checkpoint``. It loads into the same number of
-  ranks only (DeepSpeed's elastic ZeRO checkpoints need a ``step`` in the param groups, which
-  torch's AdamW does not keep). This part is DeepSpeed's own format (torch pickles); it is only
-  read back by :func:`load_checkpoint` from the run's own folder. The learning-rate schedule is a
-  pure function of the step, so it has no state here.
+  engine counters) as written by ``engine.save_checkpoint``, in DeepSpeed's file names but through
+  :mod:`model.engine_state`: safetensors with a JSON tree, never a pickle, so a run folder copied from
+  elsewhere cannot run code when training resumes there (a pickle found there is refused unread). It
+  loads into the same number of ranks only (DeepSpeed's elastic ZeRO checkpoints need a ``step`` in the
+  param groups, which torch's AdamW does not keep). The learning-rate schedule is a pure function of the
+  step, so it has no state here.
 
 Every rank writes into ``.step-{step:08d}.tmp/``; after a barrier rank 0 renames it and then
 rewrites ``latest`` (atomically), so a crash at any point leaves the previous checkpoint intact.
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from model.engine_state import safetensors_checkpoint_engine
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -103,9 +106,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _without_pickle(engine) -> None:
+    """Give the DeepSpeed engine the safetensors checkpoint engine (:mod:`model.engine_state`) once."""
+    if getattr(engine.checkpoint_engine, "name", None) != "SafetensorsCheckpointEngine":
+        engine.checkpoint_engine = safetensors_checkpoint_engine()
+
+
 def save_checkpoint(engine, model, run_dir: str | os.PathLike, step: int, trainer_state: dict[str, Any],
                     data_state: dict[str, Any], keep: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final folder. ``keep`` > 0 prunes older ones."""
+    _without_pickle(engine)
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
@@ -145,5 +155,7 @@ def read_rank_state(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dic
 
 
 def load_checkpoint(engine, path: Path) -> None:
-    """Collective: restore the engine (trainable weights, optimizer) from ``path``, saved by as many ranks."""
+    """Collective: restore the engine (trainable weights, optimizer) from ``path``, saved by as many ranks.
+    Raises :class:`model.engine_state.UnsafeEngineState` on a file that is not a safetensors engine state."""
+    _without_pickle(engine)
     engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False, load_lr_scheduler_states=False)

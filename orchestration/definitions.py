@@ -8,8 +8,9 @@ read from the environment at import); everything else comes from run config:
 - ``real_data``: raw metadata shards in ``$WEFT_RAW_DIR`` (the sensor's watched folder, laid out as ``mmc4/``,
   ``laion/``, ``cc12m/``), outputs under ``$WEFT_DATA_ROOT``, images fetched from the web, the LLM's tokenizer from
   ``$WEFT_TOKENIZER_DIR``, CLIP ViT-L/14 weights from ``$WEFT_CLIP_CHECKPOINT``, a BLIP-2 directory from
-  ``$WEFT_BLIP2_DIR`` (all resolved by Dagster's ``EnvVar`` when a run starts). Op settings:
-  ``orchestration/presets/*.yaml``.
+  ``$WEFT_BLIP2_DIR`` (all resolved by Dagster's ``EnvVar`` when a run starts); the benchmarks training data is
+  decontaminated against are the ``evaluation_splits`` resource's ``benchmarks`` (none by default: a warning says
+  nothing is checked). Op settings: ``orchestration/presets/*.yaml``.
 
 Instance storage is ``$DAGSTER_HOME`` (the project's ``dagster_home/`` in the Makefile); for a cluster
 see ``orchestration/presets/dagster_cluster.yaml``.
@@ -21,6 +22,8 @@ import dagster as dg
 
 from assets.ablation import ablation_checkpoints, ablation_sequences, mmfs_ablation_report
 from assets.clip import clip_scorer, clip_scores
+from assets.decontamination import decontaminated_documents
+from assets.dedup import deduplicated_documents, deduplicated_documents_rate
 from assets.download import downloaded_images, downloaded_images_shard_integrity, downloaded_images_success_rate
 from assets.evaluation import (
     evaluation_report,
@@ -33,6 +36,7 @@ from assets.io_manager import ManifestIOManager
 from assets.packing import packed_sequences, packed_sequences_max_tokens, packed_sequences_shard_integrity, tokenizer
 from assets.recaption import captioner, recaptions
 from assets.resources import (
+    BenchmarkEvaluationSplits,
     Compute,
     PretrainedCaptioner,
     PretrainedClipScorer,
@@ -41,13 +45,14 @@ from assets.resources import (
     SampleWorld,
     SampleWorldCaptioner,
     SampleWorldClipScorer,
+    SampleWorldEvaluationSplits,
     SampleWorldImages,
     SampleWorldTokenizer,
     Storage,
     WebImages,
 )
 from assets.sample_world import sample_world
-from assets.sources import raw_documents, raw_documents_parse_rate
+from assets.sources import raw_documents, raw_documents_parse_rate, raw_documents_shards_readable
 from assets.training import checkpoint
 from orchestration.jobs import (
     ingest,
@@ -61,10 +66,11 @@ from orchestration.jobs import (
 
 PRESETS = ("sample_world", "real_data")
 DATA_ASSETS = [raw_documents, downloaded_images, clip_scorer, clip_scores, filtered_documents, captioner, recaptions,
-               tokenizer, packed_sequences, checkpoint, instruction_sequences, finetuned_checkpoint]
-DATA_CHECKS = [raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
-               filtered_documents_pass_rate, packed_sequences_shard_integrity, packed_sequences_max_tokens,
-               instruction_sequences_shard_integrity]
+               deduplicated_documents, decontaminated_documents, tokenizer, packed_sequences, checkpoint,
+               instruction_sequences, finetuned_checkpoint]
+DATA_CHECKS = [raw_documents_shards_readable, raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
+               filtered_documents_pass_rate, deduplicated_documents_rate, packed_sequences_shard_integrity,
+               packed_sequences_max_tokens, instruction_sequences_shard_integrity]
 # The sample world ships its own benchmarks (and its scenes for the ablation); real benchmarks come with
 # their own data, so these assets exist in the sample-world preset only.
 SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, ablation_checkpoints,
@@ -83,6 +89,7 @@ def sample_world_resources(data_root: str | dg.EnvVar = "data", world: SampleWor
         "tokenizer_source": SampleWorldTokenizer(world=world),
         "clip_scorer_source": SampleWorldClipScorer(world=world),
         "captioner_source": SampleWorldCaptioner(world=world),
+        "evaluation_splits": SampleWorldEvaluationSplits(world=world),
         "compute": Compute(),
         "bounds": QualityBounds(),
         "io_manager": ManifestIOManager(storage=storage),
@@ -97,6 +104,7 @@ def real_data_resources() -> dict:
         "tokenizer_source": PretrainedTokenizer(path=dg.EnvVar("WEFT_TOKENIZER_DIR")),
         "clip_scorer_source": PretrainedClipScorer(checkpoint=dg.EnvVar("WEFT_CLIP_CHECKPOINT")),
         "captioner_source": PretrainedCaptioner(path=dg.EnvVar("WEFT_BLIP2_DIR")),
+        "evaluation_splits": BenchmarkEvaluationSplits(),
         "compute": Compute(),
         "bounds": QualityBounds(),
         "io_manager": ManifestIOManager(storage=storage),

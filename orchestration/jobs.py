@@ -48,7 +48,7 @@ refilter = dg.define_asset_job(
     "refilter",
     selection=dg.AssetSelection.assets(filtered_documents).downstream() - MODEL_GROUPS,
     description=("Re-filter the already-downloaded images with the current thresholds (on the scores already made; "
-                 "recaptioned pairs are judged by their recaption) and re-pack."),
+                 "recaptioned pairs are judged by their recaption), deduplicate, decontaminate and re-pack."),
 )
 
 ingest = dg.define_asset_job(
@@ -85,7 +85,7 @@ def weekly_refilter(context: dg.ScheduleEvaluationContext):
     missing = [k for k in keys if k not in downloaded]
     if missing:
         return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
-    ops = ("filtered_documents", "packed_sequences")
+    ops = ("filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences")
     return dg.RunRequest(run_config=preset_run_config(preset_name(), ops), tags=partition_range_tags(keys))
 
 
@@ -95,8 +95,13 @@ def raw_shard_sensor(context: dg.SensorEvaluationContext, storage: Storage):
     known = set(context.instance.get_dynamic_partitions(source_shards.name))
     layout = storage.layout
     new = [k for k in layout.raw_partition_keys() if k not in known]
+    ignored = layout.unrecognised_raw_files()
+    if ignored:
+        context.log.warning(f"{len(ignored)} files in {layout.raw} are not shards of a known format, ignored: "
+                            f"{', '.join(ignored[:5])}")
     if not new:
-        return dg.SkipReason(f"no new raw shards in {layout.raw}")
+        return dg.SkipReason(f"no new raw shards in {layout.raw}" + (f" ({len(ignored)} files ignored: "
+                                                                    f"{', '.join(ignored[:5])})" if ignored else ""))
     run_config = preset_run_config(preset_name(), ("downloaded_images",))
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=k, run_key=k, run_config=run_config) for k in new],

@@ -225,7 +225,7 @@ def bench_download(images: int, repeats: int, processes: int, threads: int, imag
             policy = HostPolicy.allowing(server.base_url)
 
             def img2dataset_alone(out: Path) -> None:
-                run_img2dataset(url_list, out, config, incremental_mode="incremental")  # out is fresh
+                run_img2dataset(url_list, out, config, policy, incremental_mode="incremental")  # out is fresh
 
             def whole_stage(out: Path) -> None:
                 log = BadRecordLog()

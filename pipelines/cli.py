@@ -45,11 +45,32 @@ class _PromptElement(argparse.Action):
         namespace.elements = elements
 
 
-def _load_model(checkpoint: str, device: str):
+def _model_dir(checkpoint: str) -> Path:
+    """The ``model/`` folder ``--checkpoint`` names, or exit naming what it is not (before any model loads)."""
     from model.checkpoint import model_dir
+
+    try:
+        return model_dir(checkpoint)
+    except FileNotFoundError as error:
+        raise SystemExit(f"--checkpoint {error}") from None
+
+
+def _load_model(checkpoint: str, device: str):
     from model.mm_interleaved import MMInterleaved
 
-    return MMInterleaved.from_pretrained(model_dir(checkpoint), map_location=device).eval()
+    return MMInterleaved.from_pretrained(_model_dir(checkpoint), map_location=device).eval()
+
+
+def _check_eval_dir(eval_dir: str) -> None:
+    """``--eval-dir`` must be a sample world's ``eval/`` folder: its splits and the world that wrote them."""
+    from pipelines.sample_world.formats import WORLD_CONFIG_FILE
+
+    folder = Path(eval_dir)
+    if not folder.is_dir():
+        raise SystemExit(f"--eval-dir {eval_dir}: no such folder (the sample world writes it as <data root>/raw/eval)")
+    if not (folder / WORLD_CONFIG_FILE).is_file() or not any(folder.glob("*.jsonl")):
+        raise SystemExit(f"--eval-dir {eval_dir}: not a sample world eval folder (it needs {WORLD_CONFIG_FILE} and "
+                         "<task>.jsonl splits, as the sample_world asset writes under <data root>/raw/eval)")
 
 
 def _prompt(elements: Sequence[tuple[str, str]]) -> list:
@@ -122,7 +143,10 @@ def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     given = {"tasks": tuple(args.tasks) if args.tasks else None, "limit": args.limit, "num_inference_steps": args.steps,
              "guidance_scale": args.guidance_scale, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
              "inception_weights": args.inception_weights}
-    return EvaluationConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        return EvaluationConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as error:
+        raise SystemExit(f"weft eval: {error}") from None
 
 
 def _benchmark_files(args: argparse.Namespace) -> BenchmarkFiles:
@@ -144,6 +168,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     if (args.eval_dir is None) == (args.benchmark is None):
         raise SystemExit("give either --eval-dir (the sample world's benchmarks) or --benchmark")
+    _model_dir(args.checkpoint)
+    if args.eval_dir is not None:
+        _check_eval_dir(args.eval_dir)
     config, compute = evaluation_config(args), Compute(device=args.device)
     if args.benchmark is not None:
         files = _benchmark_files(args)
@@ -200,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-dir", default=None, help="the sample world's eval/ folder (<task>.jsonl splits)")
     evaluate.add_argument("--tasks", nargs="+", default=None, help="subset of the sample world's tasks (default: all)")
     evaluate.add_argument("--clip-scorer", default=None,
-                          help="a saved CLIP scorer folder (e.g. data/clip_scorer): CLIP score and CLIP-feature FID")
+                          help="a saved CLIP scorer folder (e.g. data/clip_scorer/<version>): CLIP score and CLIP-feature FID")
     evaluate.add_argument("--inception-weights", default=None, help="torchvision Inception-v3 state dict: FID proper")
     evaluate.add_argument("--benchmark", choices=BENCHMARKS, default=None, help="a real benchmark on local disk")
     evaluate.add_argument("--annotations", default=None, help="coco: dataset_coco.json (Karpathy split); vqav2, okvqa: "

@@ -1,6 +1,7 @@
 """The whole data graph in process on a small sample world: assets, checks, metadata, re-filtering and
 a corrupted shard. One module-scoped run of the graph is shared; the destructive test runs last."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from pipelines.sample_world.image_server import ImageServer
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
 
 DATA_ASSETS = ["raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
-               "recaptions", "tokenizer", "packed_sequences"]
-PRESET_OPS = ("downloaded_images", "filtered_documents", "recaptions", "packed_sequences")
-CHECKS = {"raw_documents_parse_rate", "downloaded_images_shard_integrity", "downloaded_images_success_rate",
+               "recaptions", "deduplicated_documents", "decontaminated_documents", "tokenizer", "packed_sequences"]
+PRESET_OPS = ("downloaded_images", "filtered_documents", "recaptions", "deduplicated_documents", "decontaminated_documents",
+              "packed_sequences")
+CHECKS = {"raw_documents_shards_readable", "raw_documents_parse_rate", "deduplicated_documents_rate",
+          "downloaded_images_shard_integrity", "downloaded_images_success_rate",
           "filtered_documents_pass_rate", "packed_sequences_shard_integrity", "packed_sequences_max_tokens"}
 
 
@@ -50,14 +53,15 @@ class Graph:
         return [r.asset_materialization for r in records]
 
 
-@pytest.fixture(scope="module")
-def graph(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weft_data")
+@contextlib.contextmanager
+def _platform(root: Path, dagster_home: Path):
+    """A clone of the platform: its own storage root, instance and loopback server (another port) on the same small
+    world, with the sample world written and the data job run once."""
     # 3 raw shards (one per source), ~40 images; permanent faults only, so no retry pass is needed.
     world = SampleWorld(n_pairs=16, n_stories=6, n_eval=2, docs_per_shard=8)
     faults = {"not_found": 0.08, "server_error": 0.0, "truncated": 0.0, "not_image": 0.04, "transient": 0.0}
     with ImageServer(world.generate().routes(), SampleWorldImages(world=world, faults=faults).get().faults) as server, \
-            dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster_home"))) as instance:
+            dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
         resources = {
             **sample_world_resources(str(root), world),
             "images": SampleWorldImages(world=world, server_url=server.base_url, faults=faults),
@@ -73,6 +77,12 @@ def graph(tmp_path_factory):
         assert world_run.success
         g.keys = instance.get_dynamic_partitions("source_shards")
         g.result = g.run("sample_world_data")
+        yield g
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    with _platform(tmp_path_factory.mktemp("weft_data"), tmp_path_factory.mktemp("dagster_home")) as g:
         yield g
 
 
@@ -121,6 +131,12 @@ def test_materializations_carry_metadata_and_data_versions(graph):
     recaptions = graph.materializations("recaptions")[0].metadata
     assert recaptions["documents"].value == recaptions["captioned"].value > 0 and recaptions["reused"].value == 0
     assert recaptions["sources"].value == ["cc12m"] and "| source text | recaption |" in recaptions["preview"].value
+    dedup = graph.materializations("deduplicated_documents")[0].metadata
+    assert 0 < dedup["images_kept"].value <= dedup["images_in"].value == filtered["images_kept"].value
+    assert dedup["config"].value["phash_max_distance"] == "off"  # the preset: the world's scenes share pHashes
+    clean = graph.materializations("decontaminated_documents")[0].metadata
+    assert clean["checked_against"].value["name"] == "sample world (seed 0, 2 items a split)"
+    assert clean["images_in"].value == dedup["images_kept"].value and clean["eval_texts_checked"].value > 0
     packed = graph.materializations("packed_sequences")[0].metadata
     assert packed["sequences"].value >= 1 and packed["tokens"].value > 0 and ".tar" in packed["shards"].value
     assert packed["recaptioned_shards"].value == ["cc12m/cc12m-00000.tsv"]
@@ -238,6 +254,34 @@ def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph
         "num_visual_tokens": 256, "mmfs": False}
 
 
+def _data_versions(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str | None], str]:
+    return {(e.asset_key.to_user_string(), e.partition): e.step_materialization_data.materialization.tags["dagster/data_version"]
+            for e in result.get_asset_materialization_events()}
+
+
+def _model_files(root: Path) -> dict[Path, int]:
+    """The trained scorer's and captioner's files, with their modification times."""
+    return {p: p.stat().st_mtime_ns for stage in ("clip_scorer", "captioner") for p in (root / stage).rglob("*")
+            if p.is_file()}
+
+
+def test_a_second_clone_gets_the_same_data_versions_and_its_rerun_trains_no_model(graph, tmp_path_factory):
+    """Before the refilter test (which re-materializes with other thresholds): data versions come from content and
+    config, never from where the storage root lies or which port served the images."""
+    with _platform(tmp_path_factory.mktemp("clone_data"), tmp_path_factory.mktemp("clone_home")) as clone:
+        assert clone.server.base_url != graph.server.base_url and clone.root != graph.root
+        versions = _data_versions(clone.result)
+        assert {asset for asset, _ in versions} == set(DATA_ASSETS)
+        assert versions == _data_versions(graph.result)
+        models = _model_files(clone.root)
+        assert any(p.suffix == ".safetensors" for p in models) and any(p.name == "manifest.json" for p in models)
+        rerun = clone.run("sample_world_data")  # a second make demo
+        assert rerun.success and _data_versions(rerun) == versions
+        assert _model_files(clone.root) == models  # neither the scorer nor the captioner was trained again
+        captioner = clone.materializations("captioner")
+        assert len(captioner) == 2 and captioner[0].metadata["training_seconds"] == captioner[1].metadata["training_seconds"]
+
+
 def test_weekly_schedule_requests_one_refilter_run_over_every_shard(graph):
     context = dg.build_schedule_context(instance=graph.instance, repository_def=graph.defs.get_repository_def())
     request = weekly_refilter(context)
@@ -251,12 +295,14 @@ def test_refilter_reuses_downloads_and_records_both_thresholds(graph):
     packed_before = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
     before = graph.materializations("filtered_documents")[0].metadata["min_similarity"].value
     stricter = round(before + 0.05, 4)
-    config = {"ops": {"filtered_documents": {"config": {"min_similarity": stricter, "pair_min_similarity": stricter}}}}
+    config = preset_run_config("sample_world", ("deduplicated_documents", "decontaminated_documents"))
+    config["ops"]["filtered_documents"] = {"config": {"min_similarity": stricter, "pair_min_similarity": stricter}}
     result = graph.run("refilter", run_config=config)
     assert result.success
     assert graph.server.request_count == requests_before  # no HTTP: the downloads were re-used
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"filtered_documents", "packed_sequences"}  # every downloaded pair is captioned already
+    # every downloaded pair is captioned already
+    assert materialized == {"filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences"}
     thresholds = [m.metadata["min_similarity"].value for m in graph.materializations("filtered_documents")]
     assert stricter in thresholds and before in thresholds
     packed = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
@@ -273,7 +319,7 @@ def test_corrupted_download_shard_fails_integrity_and_blocks_downstream(graph):
     tar.write_bytes(data[: len(data) // 2 + 100])
     requests_before = graph.server.request_count
     selection = [dg.AssetKey(a) for a in ("downloaded_images", "clip_scores", "filtered_documents", "recaptions",
-                                          "packed_sequences")]
+                                          "deduplicated_documents", "decontaminated_documents", "packed_sequences")]
     result = graph.run("sample_world_data", asset_selection=selection, raise_on_error=False)
     assert not result.success
     integrity = [e for e in result.get_asset_check_evaluations()

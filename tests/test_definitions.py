@@ -9,10 +9,11 @@ import dagster as dg
 import pytest
 import yaml
 
-from assets.io_manager import ManifestIOManager
+from assets.io_manager import ManifestIOManager, with_failures
 from assets.resources import Storage
 from orchestration.definitions import defs
 from orchestration.jobs import PRESETS_DIR, preset_run_config
+from pipelines.data.errors import ShardFailure
 from pipelines.data.layout import DataLayout
 from pipelines.data.raw_documents import RawShard
 
@@ -33,9 +34,10 @@ def test_definitions_load():
     graph = loaded.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
-                    "filtered_documents", "captioner", "recaptions", "tokenizer", "packed_sequences", "checkpoint",
-                    "instruction_sequences", "finetuned_checkpoint", "evaluation_report", "ablation_sequences",
-                    "ablation_checkpoints", "mmfs_ablation_report"}
+                    "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
+                    "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint", "instruction_sequences",
+                    "finetuned_checkpoint", "evaluation_report", "ablation_sequences", "ablation_checkpoints",
+                    "mmfs_ablation_report"}
     assert {c.name for c in graph.asset_check_keys} >= {"downloaded_images_shard_integrity",
                                                         "packed_sequences_shard_integrity",
                                                         "instruction_sequences_shard_integrity",
@@ -46,7 +48,7 @@ def test_definitions_load():
         return {k.to_user_string() for k in loaded.resolve_job_def(name).asset_layer.executable_asset_keys}
 
     data = {"raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
-            "recaptions", "tokenizer", "packed_sequences"}
+            "recaptions", "deduplicated_documents", "decontaminated_documents", "tokenizer", "packed_sequences"}
     assert job_assets("sample_world_data") == data
     assert job_assets("sample_world_main") == data | {"checkpoint", "instruction_sequences", "finetuned_checkpoint",
                                                       "evaluation_report"}
@@ -54,7 +56,8 @@ def test_definitions_load():
     assert loaded.resolve_job_def("mmfs_ablation").partitions_def.get_partition_keys() == [
         "32_tokens_mmfs", "32_tokens_no_mmfs", "256_tokens_no_mmfs"]
     assert job_assets("ingest") == {"raw_documents", "downloaded_images"}
-    assert job_assets("refilter") == {"filtered_documents", "packed_sequences"}  # recaptions come before filtering
+    assert job_assets("refilter") == {"filtered_documents", "deduplicated_documents", "decontaminated_documents",
+                                      "packed_sequences"}  # recaptions come before filtering
 
 
 def test_real_data_preset_loads_with_its_environment(tmp_path):
@@ -75,8 +78,8 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
 
 @pytest.mark.parametrize("preset", ["sample_world", "real_data"])
 def test_run_config_presets_validate_against_the_jobs(preset):
-    ops = ("downloaded_images", "filtered_documents", "recaptions", "packed_sequences", "checkpoint",
-           "instruction_sequences", "finetuned_checkpoint")
+    ops = ("downloaded_images", "filtered_documents", "recaptions", "deduplicated_documents", "decontaminated_documents",
+           "packed_sequences", "checkpoint", "instruction_sequences", "finetuned_checkpoint")
     if preset == "sample_world":
         ops += ("evaluation_report",)
     config = preset_run_config(preset, ops)
@@ -126,7 +129,35 @@ def test_manifest_io_manager_round_trips_typed_manifests_and_refuses_a_partition
     loaded = manager.load_input(dg.build_input_context(asset_key=dg.AssetKey("x"), partition_key="a",
                                                        asset_partitions_def=partitions, dagster_type=manifests))
     assert loaded == {"a": shard} and isinstance(loaded["a"], RawShard)
+    with pytest.raises(TypeError, match="left out partition 'a', which no stage quarantined"):
+        manager.handle_output(context, {})
     (tmp_path / "_manifests" / "x" / "a.json").write_text('{"path": "a.parquet"}')
     with pytest.raises(ValueError, match="a.json does not hold"):
         manager.load_input(dg.build_input_context(asset_key=dg.AssetKey("x"), partition_key="a",
                                                   asset_partitions_def=partitions, dagster_type=manifests))
+
+
+def test_manifest_io_manager_quarantines_a_failed_partition_in_every_later_asset(tmp_path):
+    """A ShardFailure is the partition's record: a consumer that admits failures gets it, the others get the dict
+    without it, and an asset that leaves the partition out passes the failure on."""
+    manager = ManifestIOManager(storage=Storage(root=str(tmp_path)))
+    partitions = dg.StaticPartitionsDefinition(["a", "b"])
+    shard = RawShard(path="b.parquet", source_file="b.tsv", source_sha256="0" * 64, documents=3, bad_records=0,
+                     images=3, kinds={"pair": 3})
+    failure = ShardFailure("a.zip", "not a zip archive", "raw_documents")
+    raw = with_failures(RawShard)
+    both = dg.PartitionKeyRange("a", "b")  # a run over both partitions
+
+    def output(asset, kind):
+        return dg.build_output_context(asset_key=dg.AssetKey(asset), asset_partitions_def=partitions, dagster_type=kind,
+                                       asset_partition_key_range=both)
+
+    def load(asset, kind):
+        return manager.load_input(dg.build_input_context(asset_key=dg.AssetKey(asset), asset_partitions_def=partitions,
+                                                         dagster_type=kind, asset_partition_key_range=both))
+
+    manager.handle_output(output("raw", raw), {"a": failure, "b": shard})
+    plain = dg.DagsterType(type_check_fn=lambda _, v: True, name="Raw", typing_type=dict[str, RawShard])
+    assert load("raw", raw) == {"a": failure, "b": shard} and load("raw", plain) == {"b": shard}
+    manager.handle_output(output("later", plain), {"b": shard})  # it got no "a": the raw failure is passed on
+    assert load("later", raw) == {"a": failure, "b": shard}

@@ -42,6 +42,10 @@ def test_new_raw_shard_yields_a_run_for_exactly_that_partition(tmp_path, metadat
 
         assert isinstance(_evaluate(instance, storage), dg.SkipReason)  # nothing new: no second run
 
+        (tmp_path / "watched" / "laion" / "part-00001.csv").write_text("url,caption\n")
+        skipped = _evaluate(instance, storage)  # a file no reader takes is named, not silently skipped
+        assert isinstance(skipped, dg.SkipReason) and "1 files ignored: laion/part-00001.csv" in skipped.skip_message
+
         (tmp_path / "watched" / "mmc4").mkdir()
         shutil.copy(metadata["mmc4"][1], tmp_path / "watched" / "mmc4" / metadata["mmc4"][1].name)
         result = _evaluate(instance, storage)

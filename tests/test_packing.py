@@ -227,3 +227,19 @@ def test_config_is_checked():
         PackingConfig(max_length=10, num_image_tokens=64)
     with pytest.raises(ValueError, match="max_images_per_sequence"):
         PackingConfig(max_images_per_sequence=0)
+
+
+def test_interleaved_sentences_are_joined_by_one_space():
+    """MMC4 sentences come without their separating whitespace; packing joins them with one space, as the public
+    MM-Interleaved and OpenFlamingo loaders do (not "time.Press")."""
+    sentences = ["It was time.", "Press the red button", "and wait."]
+    image = image_element("http://x/a.jpg", matched_text_index=1)
+    image.update(key="a", status="ok")
+    document = make_document(doc_id="glued", source="mmc4", kind="interleaved",
+                             elements=[text_element(sentences[0], 0), image, text_element(sentences[1], 1),
+                                       text_element(sentences[2], 2)])
+    tok = tokenizer()
+    ids = token_ids(tok)
+    (sequence,) = pack_documents([document], tok, PackingConfig(max_length=96, num_image_tokens=4), images={"a": b"jpg"})
+    assert tok.decode(sequence.input_ids.tolist(), skip_special_tokens=True) == " ".join(sentences)
+    assert int((sequence.input_ids == ids.boi).sum()) == 1 and sequence.images == [b"jpg"]

@@ -97,16 +97,19 @@ def test_webserver_serves_the_asset_graph_checks_schedule_and_sensor(webserver):
     (repo,) = nodes
     assets = {"/".join(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
     assert set(assets) == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
-                           "filtered_documents", "captioner", "recaptions", "tokenizer", "packed_sequences",
-                           "checkpoint", "instruction_sequences", "finetuned_checkpoint", "evaluation_report",
-                           "ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
+                           "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
+                           "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint",
+                           "instruction_sequences", "finetuned_checkpoint", "evaluation_report", "ablation_sequences",
+                           "ablation_checkpoints", "mmfs_ablation_report"}
     assert assets["downloaded_images"]["isPartitioned"] and not assets["packed_sequences"]["isPartitioned"]
     assert assets["recaptions"]["isPartitioned"] and not assets["captioner"]["isPartitioned"]
     assert assets["ablation_checkpoints"]["isPartitioned"] and not assets["mmfs_ablation_report"]["isPartitioned"]
     checks = {c["name"]: c["blocking"] for a in assets.values() for c in a["assetChecksOrError"]["checks"]}
     assert checks == {
-        "raw_documents_parse_rate": False, "downloaded_images_shard_integrity": True,
+        "raw_documents_shards_readable": False, "raw_documents_parse_rate": False,
+        "downloaded_images_shard_integrity": True,
         "downloaded_images_success_rate": False, "filtered_documents_pass_rate": False,
+        "deduplicated_documents_rate": False,
         "packed_sequences_shard_integrity": True, "packed_sequences_max_tokens": False,
         "instruction_sequences_shard_integrity": True, "evaluation_report_beats_untrained": False,
         "evaluation_report_finetuned_beats_baselines": False,

@@ -14,7 +14,6 @@ recaption, the text it will be trained on, if asked).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pipelines.compute import Compute
 from pipelines.data.documents import IMAGE_STATUS_OK
-from pipelines.files import atomic_path, fingerprint
+from pipelines.files import atomic_path, fingerprint, sha256
 
 SCORER_CONFIG = "weft_scorer.json"
 SCORER_WEIGHTS = "open_clip_model.safetensors"
@@ -164,7 +163,11 @@ class ClipScorerManifest:
 
     @property
     def version(self) -> str:
-        return fingerprint(dataclasses.asdict(self))
+        """What scores, never where it lies: a trained scorer's weights (sha256) and threshold; a pretrained one's
+        name and checkpoint identity (size, modification time)."""
+        if self.kind == PRETRAINED_KIND:
+            return fingerprint(self.kind, self.model_name, self.identity)
+        return fingerprint(self.kind, sha256(Path(self.directory) / SCORER_WEIGHTS), self.threshold)
 
     @property
     def location(self) -> str:

@@ -43,6 +43,8 @@ class ScoredShard:
     """The recaptions the pairs were also scored against (None: the shard is not recaptioned)."""
     on_recaption: int = 0
     """Images also scored against their recaption."""
+    version: str = ""
+    """The data version: the scorer's, the download's and the recaptions' (never a path)."""
 
 
 @dataclass
@@ -57,7 +59,7 @@ class ClipScores:
 
     @property
     def version(self) -> str:
-        return fingerprint(self.threshold, {k: (m.path, m.images, m.recaptions) for k, m in self.shards.items()})
+        return fingerprint(self.threshold, {k: m.version for k, m in self.shards.items()})
 
     def quantiles(self) -> dict[str, float]:
         """``p5`` ... ``p95`` of the similarities (empty without images)."""
@@ -90,7 +92,8 @@ def score_shards(downloads: Mapping[str, DownloadedShard], recaptions: Mapping[s
         result.similarities += matched
         result.shards[key] = ScoredShard(
             str(out), len(rows), scorer.threshold, float(np.mean(matched)) if matched else None, recaptioned.path,
-            sum(r["similarity_recaption"] is not None for r in rows))
+            sum(r["similarity_recaption"] is not None for r in rows),
+            fingerprint(scorer.version, download.content, recaptioned.version, len(rows)))
         log(f"{key}: scored {len(rows)} images")
     result.seconds = time.perf_counter() - start
     return result

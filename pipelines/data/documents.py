@@ -5,7 +5,7 @@ A document is a plain dict (picklable, cheap) that matches :data:`DOCUMENT_SCHEM
 
     {
       "doc_id": "mmc4:docs_shard_0_v2:17",   # source:shard:row, unique and stable across re-runs
-      "source": "mmc4",                       # mmc4 | laion | cc12m | obelics | sample_world
+      "source": "mmc4",                       # mmc4 | laion | cc12m | obelics | omnicorpus | mint1t | sample_world
       "kind": "interleaved",                  # interleaved | pair | instruction
       "source_file": "docs_shard_0_v2.jsonl.zip",
       "source_row": 17,                       # 1-based line (text formats) or 0-based row (parquet)
@@ -21,8 +21,10 @@ An element is either text or image; unused fields are None::
      "matched_sim": 0.31, "source_id": "...",      # from the source
      "key": None, "status": None, "error": None, "sha256": None}   # filled by the download stage
 
-Interleaved documents place every image immediately before the sentence it is matched to (images
-matched to the same sentence keep their source order). Pairs are ``[image, text(caption)]``.
+MMC4 documents place every image immediately before the sentence it is matched to (images matched to
+the same sentence keep their source order); web documents given as parallel lists (OBELICS,
+OmniCorpus, MINT-1T) keep the source's order, each image matched to the text after it. Pairs are
+``[image, text(caption)]``.
 
 Instruction documents (supervised fine-tuning data, :mod:`pipelines.data.instructions`) keep their
 elements in conversation order and give each a ``"role"``: :data:`INSTRUCTION_ROLE` (a human turn: context,
@@ -33,6 +35,7 @@ into the packer; ``role`` is not a column of :data:`ELEMENT_TYPE`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Iterable, Iterator
 
@@ -49,7 +52,7 @@ ELEMENT_TYPE = pa.struct(
         pa.field("url", pa.string()),
         pa.field("image_name", pa.string()),
         pa.field("matched_text_index", pa.int32()),
-        pa.field("matched_sim", pa.float32()),
+        pa.field("matched_sim", pa.float64()),  # float64: a score at the threshold stays at it
         pa.field("source_id", pa.string()),
         pa.field("key", pa.string()),
         pa.field("status", pa.string()),
@@ -127,18 +130,32 @@ def make_document(
         "source_row": source_row,
         "page_url": page_url,
         "elements": elements,
-        "meta": json.dumps(meta or {}, sort_keys=True, default=str),
+        "meta": json.dumps(json_safe(meta or {}), sort_keys=True, default=str, allow_nan=False),
     }
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: standard JSON has no NaN (parquet sources have them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def make_pair(
     *, doc_id: str, source: str, url: str, caption: str, source_file: str | None = None,
-    source_row: int | None = None, source_id: str | None = None, meta: dict[str, Any] | None = None,
+    source_row: int | None = None, source_id: str | None = None, matched_sim: float | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An image-text pair as a one-image document: ``[image, text]``."""
+    """An image-text pair as a one-image document: ``[image, text]``; ``matched_sim`` is the source's own
+    image-text similarity (LAION's ``similarity``), the filter's score when there are no CLIP scores."""
     return make_document(
         doc_id=doc_id, source=source, kind="pair", source_file=source_file, source_row=source_row,
-        elements=[image_element(url, matched_text_index=0, source_id=source_id), text_element(caption, 0)],
+        elements=[image_element(url, matched_text_index=0, matched_sim=matched_sim, source_id=source_id),
+                  text_element(caption, 0)],
         meta=meta,
     )
 

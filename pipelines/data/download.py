@@ -3,13 +3,15 @@
 img2dataset does the fetching, resizing and shard writing. Around it this stage adds:
 
 - exact URL dedup (each distinct URL is fetched once, however many documents use it);
-- a host policy (:class:`pipelines.data.hosts.HostPolicy`) applied before anything is fetched;
+- a host policy (:class:`pipelines.data.hosts.HostPolicy`) applied to every URL before anything is fetched, and
+  in the workers to every redirect hop and to the address each connection goes to; a cap on the body bytes of a
+  response and on the pixels of an image, checked before the whole body is read or the image decoded
+  (:mod:`pipelines.data.fetch_guard`);
 - a retry pass that re-fetches only the retryable failures of *finished* shards and merges the
   recovered images into those shards under their original keys;
 - a status table with one final row per URL, joined back onto documents so every image element
-  carries ``status`` (``ok`` or the reason), ``error``, ``key`` and ``sha256``;
-- :func:`dedup_documents`: drop repeated URLs and repeated images (same sha256 via another URL),
-  with a reason for every drop.
+  carries ``status`` (``ok`` or the reason), ``error``, ``key`` and ``sha256`` (the dedup stage,
+  :mod:`pipelines.data.deduplicated_documents`, drops repeated URLs and images across shards).
 
 Output layout of :func:`download_urls` under ``output_dir``::
 
@@ -36,21 +38,25 @@ import signal
 import tarfile
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from annotated_types import Ge, Gt, Interval
 
 from pipelines.data.documents import IMAGE_STATUS_OK, image_elements, write_documents
+from pipelines.data.fetch_guard import FetchGuard, refusal_reason
 from pipelines.data.hosts import HostPolicy
+from pipelines.fields import check_fields
 from pipelines.files import atomic_path, read_tar, write_json
 
 STATUS_SCHEMA = pa.schema([
     pa.field("url", pa.string(), nullable=False),
     pa.field("url_id", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),  # ok | refused | failed_to_download | failed_to_resize
+    # error: the reason (refused: the host policy's, or the body / pixel bound that was over)
     pa.field("error", pa.string()),
     pa.field("key", pa.string()),
     pa.field("shard", pa.string()),
@@ -70,9 +76,10 @@ def is_retryable(status: str, error: str | None) -> bool:
     """Default retry rule: download failures except permanent HTTP answers (404, 403, 410, ...).
 
     Timeouts, 5xx, resets and truncated bodies are retried; images that arrived but could not be
-    decoded or resized (``failed_to_resize``) are not: the server sent what it has.
+    decoded or resized (``failed_to_resize``) are not: the server sent what it has. Neither are refusals
+    (a host the policy refuses, a body or an image over its bound): they would be refused again.
     """
-    if status != "failed_to_download":
+    if status != "failed_to_download" or refusal_reason(error) is not None:
         return False
     match = _HTTP_CODE.search(error or "")
     return not (match and int(match.group(1)) in PERMANENT_HTTP_CODES)
@@ -82,35 +89,33 @@ def is_retryable(status: str, error: str | None) -> bool:
 class DownloadConfig:
     """img2dataset's knobs (same names) and weft's retry pass."""
 
-    image_size: int = 256
-    resize_mode: str = "border"
-    """no | border | keep_ratio | keep_ratio_largest | center_crop"""
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    processes_count: int = 1
-    thread_count: int = 32
-    number_sample_per_shard: int = 10_000
-    timeout: float = 10
-    retries: int = 0
+    image_size: Annotated[int, Ge(1)] = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: Annotated[int, Interval(ge=0, le=100)] = 95
+    processes_count: Annotated[int, Ge(1)] = 1
+    thread_count: Annotated[int, Ge(1)] = 32
+    number_sample_per_shard: Annotated[int, Ge(1)] = 10_000
+    timeout: Annotated[float, Gt(0)] = 10
+    retries: Annotated[int, Ge(0)] = 0
     """img2dataset's immediate per-URL retries (inside a shard)."""
-    min_image_size: int = 0
-    max_image_area: float = float("inf")
-    max_aspect_ratio: float = float("inf")
-    distributor: str = "multiprocessing"
-    incremental_mode: str = "incremental"
-    retry_passes: int = 1
+    min_image_size: Annotated[int, Ge(0)] = 0
+    max_image_area: Annotated[int, Ge(1)] = 25_000_000
+    """Pixels (width x height) an image may have; larger ones are refused from their header, before decoding
+    (25 MP: a 5000 x 5000 photo; decoded RGB ~75 MB per worker)."""
+    max_body_bytes: Annotated[int, Ge(1)] = 16 * 2**20
+    """Bytes a response body may have; a longer one is refused while streaming (a larger Content-Length before)."""
+    max_aspect_ratio: Annotated[float, Gt(0)] = float("inf")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    incremental_mode: Literal["incremental", "overwrite", "extend"] = "incremental"
+    retry_passes: Annotated[int, Ge(0)] = 1
     """Passes over the failed URLs of finished shards (0 disables)."""
     retryable: Callable[[str, str | None], bool] = is_retryable
     disallowed_header_directives: tuple[str, ...] | None = None
     """None keeps img2dataset's default (noai, noimageai, noindex, noimageindex)."""
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"):
-            raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
-        if self.retry_passes < 0:
-            raise ValueError("retry_passes must be >= 0")
-        if self.number_sample_per_shard < 1:
-            raise ValueError("number_sample_per_shard must be >= 1")
+        check_fields(self)  # types, choices and ranges, from the annotations: before anything is fetched or made
 
     def img2dataset_kwargs(self) -> dict[str, Any]:
         kwargs = {
@@ -154,13 +159,16 @@ def distinct_urls(documents: Iterable[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def run_img2dataset(url_list: Path, output_folder: Path, config: DownloadConfig, *, incremental_mode: str) -> None:
-    """Call ``img2dataset.download`` on a parquet url list (columns url, url_id), webdataset output."""
-    # albumentations (imported by img2dataset) phones home on import unless told not to.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+def run_img2dataset(url_list: Path, output_folder: Path, config: DownloadConfig, policy: HostPolicy, *,
+                    incremental_mode: str) -> None:
+    """Call ``img2dataset.download`` on a parquet url list (columns url, url_id), webdataset output, its workers
+    fetching under ``policy`` and the config's body and pixel bounds."""
+    from pipelines.data.img2dataset_guard import guarded_img2dataset  # first: it keeps albumentations offline
+
     from img2dataset import download
 
-    with _terminable_workers():
+    guard = FetchGuard(policy, config.max_body_bytes, config.max_image_area)
+    with _terminable_workers(), guarded_img2dataset(guard):
         download(
             url_list=str(url_list), output_folder=str(output_folder), output_format="webdataset",
             input_format="parquet", url_col="url", save_additional_columns=["url_id"], compute_hash="sha256",
@@ -217,12 +225,12 @@ def download_urls(
     url_list = output_dir / "urls.parquet"
     _write_url_list(allowed, url_list)
     if allowed:
-        run_img2dataset(url_list, shards_dir, config, incremental_mode=config.incremental_mode)
+        run_img2dataset(url_list, shards_dir, config, host_policy, incremental_mode=config.incremental_mode)
 
     retried = recovered = 0
     retry_counts = _load_retries(output_dir)
     for attempt in range(1, config.retry_passes + 1):
-        n_retried, n_recovered = retry_pass(output_dir, config, attempt, retry_counts)
+        n_retried, n_recovered = retry_pass(output_dir, config, host_policy, attempt, retry_counts)
         retried += n_retried
         recovered += n_recovered
         if n_retried == 0:
@@ -251,18 +259,21 @@ def _status_rows(shards_dir: Path, allowed: list[str], retry_counts: dict[str, i
     found: dict[str, dict[str, Any]] = {}
     for path in _shard_parquets(shards_dir):
         for row in pq.read_table(path).to_pylist():
+            refused = refusal_reason(row["error_message"])
             found[row["url"]] = {
                 "url": row["url"], "url_id": row["url_id"],
-                "status": IMAGE_STATUS_OK if row["status"] == "success" else row["status"],
-                "error": row["error_message"], "key": row["key"], "shard": path.stem, "sha256": row.get("sha256"),
+                "status": IMAGE_STATUS_OK if row["status"] == "success" else "refused" if refused else row["status"],
+                "error": refused or row["error_message"], "key": row["key"], "shard": path.stem,
+                "sha256": row.get("sha256"),
                 "width": row["width"], "height": row["height"], "original_width": row["original_width"],
                 "original_height": row["original_height"], "retries": retry_counts.get(row["url_id"], 0),
             }
     missing = [u for u in allowed if u not in found]
     if missing:
         raise RuntimeError(
-            f"{len(missing)} URLs have no row in any finished shard under {shards_dir} (first: {missing[0]}); "
-            "a shard failed in img2dataset — re-run the download to resume it"
+            f"{len(missing)} URLs have no row in any finished shard under {shards_dir} (first: {missing[0]}): "
+            "img2dataset gave up on a shard (its error is printed above as 'shard N failed with error ...'); "
+            "finished shards are kept, so once that cause is fixed a re-run fetches only the rest"
         )
     return [found[u] for u in allowed]
 
@@ -279,7 +290,8 @@ def _save_retries(output_dir: Path, counts: dict[str, int]) -> None:
     write_json(output_dir / "retries.json", counts)
 
 
-def retry_pass(output_dir: Path, config: DownloadConfig, attempt: int, retry_counts: dict[str, int]) -> tuple[int, int]:
+def retry_pass(output_dir: Path, config: DownloadConfig, policy: HostPolicy, attempt: int,
+               retry_counts: dict[str, int]) -> tuple[int, int]:
     """Re-fetch the retryable failures of finished shards and merge successes into those shards.
 
     Returns ``(retried, recovered)``. Recovered images keep their original keys.
@@ -301,7 +313,7 @@ def retry_pass(output_dir: Path, config: DownloadConfig, attempt: int, retry_cou
     urls = [r["url"] for rows in failed.values() for r in rows]
     _write_url_list(urls, retry_dir / "urls.parquet")
     # A fresh folder each pass ("overwrite" would delete img2dataset's own _tmp folder on a new output).
-    run_img2dataset(retry_dir / "urls.parquet", retry_dir / "shards", config, incremental_mode="incremental")
+    run_img2dataset(retry_dir / "urls.parquet", retry_dir / "shards", config, policy, incremental_mode="incremental")
 
     fetched: dict[str, dict[str, Any]] = {}
     samples: dict[str, dict[str, bytes]] = {}
@@ -405,61 +417,3 @@ def download_documents(
     result = download_urls(distinct_urls(documents), output_dir, config, host_policy)
     write_documents(attach_status(documents, load_status(result.status_path)), Path(output_dir) / "documents.parquet")
     return result
-
-
-# ------------------------------------------------------------------------------ dedup
-
-
-@dataclass
-class DedupIndex:
-    """What has been seen so far; keep one across shards for cross-shard dedup (picklable)."""
-
-    urls: dict[str, str] = field(default_factory=dict)
-    """url → doc_id of its first use."""
-    sha256: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """image sha256 → (url, doc_id) of its first appearance."""
-
-
-@dataclass(frozen=True)
-class Drop:
-    doc_id: str
-    url: str | None
-    reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def dedup_documents(
-    documents: Iterable[dict[str, Any]], index: DedupIndex, on_drop: Callable[[Drop], None],
-) -> Iterator[dict[str, Any]]:
-    """Drop image elements whose URL, or whose downloaded bytes (sha256), were seen before.
-
-    Pairs that lose their image are dropped whole; interleaved documents keep their text. Each
-    drop is reported to ``on_drop`` with its reason; ``index`` carries state across calls.
-    """
-    for document in documents:
-        kept = []
-        removed = 0
-        for element in document["elements"]:
-            if element["type"] != "image":
-                kept.append(element)
-                continue
-            url, digest = element["url"], element.get("sha256")
-            if url in index.urls:
-                on_drop(Drop(document["doc_id"], url, f"duplicate_url: first used by {index.urls[url]}"))
-                removed += 1
-                continue
-            index.urls[url] = document["doc_id"]
-            if digest:
-                if digest in index.sha256:
-                    first_url, first_doc = index.sha256[digest]
-                    on_drop(Drop(document["doc_id"], url, f"duplicate_image: same sha256 as {first_url} in {first_doc}"))
-                    removed += 1
-                    continue
-                index.sha256[digest] = (url, document["doc_id"])
-            kept.append(element)
-        if removed and document["kind"] == "pair":
-            on_drop(Drop(document["doc_id"], None, "pair_without_image: its image was a duplicate"))
-            continue
-        yield {**document, "elements": kept}

@@ -3,6 +3,8 @@ every image's outcome attached to its document, per partition.
 
 Settings that change the stored images (size, resize mode, format, quality) name the output folder: a re-run
 with them downloads again, any other re-run resumes (img2dataset's incremental mode skips finished shards).
+A shard's ``content`` digests what was fetched (every URL's key, status and image sha256, and those settings), not
+where it lies or which server served it: the data version two clones of the same data agree on.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class DownloadedShard:
     recovered_by_retry: int
     image_settings: dict[str, Any]
     """The settings that name the folder (size, resize mode, format, quality)."""
+    content: str = ""
+    """Digest of the outcome (:func:`download_content`): the shard's data version."""
 
     @property
     def image_extension(self) -> str:
@@ -90,7 +94,7 @@ class DownloadedImages:
 
     @property
     def version(self) -> str:
-        return fingerprint({k: (m.counts, m.shards) for k, m in self.shards.items()})
+        return fingerprint({k: m.content for k, m in self.shards.items()})
 
     @property
     def counts(self) -> dict[str, int]:
@@ -101,6 +105,13 @@ def image_settings(config: DownloadConfig) -> dict[str, Any]:
     """The download settings that change the stored images."""
     return {"image_size": config.image_size, "resize_mode": config.resize_mode, "encode_format": config.encode_format,
             "encode_quality": config.encode_quality}
+
+
+def download_content(status_path: str | Path, settings: dict[str, Any]) -> str:
+    """Digest of a download's outcome: each URL's key, status and image sha256 in order, and the image settings (not
+    URLs, errors or paths, which name the server and the machine rather than the data)."""
+    rows = pq.read_table(status_path, columns=["key", "status", "sha256"]).to_pylist()
+    return fingerprint(settings, [(r["key"], r["status"], r["sha256"]) for r in rows])
 
 
 def download_shards(raw: Mapping[str, RawShard], source: ImageSource, config: DownloadConfig, layout: DataLayout,
@@ -118,7 +129,8 @@ def download_shards(raw: Mapping[str, RawShard], source: ImageSource, config: Do
         result.shards[key] = DownloadedShard(
             output_dir=str(out), documents=str(out / "documents.parquet"), status=str(done.status_path),
             shards=[ShardFile(str(p), p.stat().st_size) for p in done.shards], counts=done.counts,
-            retried=done.retried, recovered_by_retry=done.recovered_by_retry, image_settings=settings)
+            retried=done.retried, recovered_by_retry=done.recovered_by_retry, image_settings=settings,
+            content=download_content(done.status_path, settings))
         for error, n in done.error_counts.items():
             result.error_counts[error] = result.error_counts.get(error, 0) + n
         log(f"{key}: {done.counts}")

@@ -32,6 +32,30 @@ class BadRecordError(ValueError):
         self.record = record
 
 
+class ShardError(ValueError):
+    """A whole input shard that cannot be read (not a zip, a truncated parquet, no document in it): the file and
+    the cause. Bad records are the handler's; a bad shard is isolated by the stage that reads it."""
+
+    def __init__(self, file: str, cause: str):
+        super().__init__(f"{file}: {cause}")
+        self.file = file
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """A partition a stage could not produce: the file that failed and why. The stage's other partitions go on; this
+    one is quarantined (it has no output, and the stages after it leave it out) until it is read again."""
+
+    file: str
+    cause: str
+    stage: str
+    """The stage that failed it (the stages after it pass the same failure on)."""
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.cause}"
+
+
 Handler = Callable[[BadRecord], None]
 
 

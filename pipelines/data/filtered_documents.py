@@ -37,6 +37,8 @@ class FilteredShard:
     documents_kept: int
     images_in: int
     images_kept: int
+    version: str = ""
+    """The data version: the thresholds and the versions of the scores, download and recaptions it filtered."""
 
 
 @dataclass
@@ -51,7 +53,7 @@ class FilteredDocuments:
 
     @property
     def version(self) -> str:
-        return fingerprint(self.config.to_dict(), {k: (m.path, m.thresholds) for k, m in self.shards.items()})
+        return fingerprint(self.config.to_dict(), {k: m.version for k, m in self.shards.items()})
 
 
 def pass_rate(shards: Mapping[str, FilteredShard]) -> float:
@@ -89,8 +91,9 @@ def filter_shards(downloads: Mapping[str, DownloadedShard], scores: Mapping[str,
         drops = out.with_name(out.name.replace(".parquet", ".drops.parquet"))
         with atomic_path(drops) as tmp:
             pq.write_table(report.drops_table(), tmp)
+        version = fingerprint(thresholds, scores[key].version, download.content, recaptions[key].version)
         result.shards[key] = FilteredShard(str(out), str(drops), thresholds, report.documents_in,
-                                           report.documents_kept, report.images_in, report.images_kept)
+                                           report.documents_kept, report.images_in, report.images_kept, version)
         add_counts(result.totals, report)
         log(f"{key}: kept {report.documents_kept} of {report.documents_in} documents")
     result.seconds = time.perf_counter() - start

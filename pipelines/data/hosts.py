@@ -4,10 +4,12 @@ By default only ``http``/``https`` URLs to public addresses are allowed; loopbac
 link-local, multicast, reserved and unspecified addresses are refused, as are ``localhost`` names
 and the legacy IPv4 spellings (``2130706433``, ``0x7f.1``) that resolvers accept. Hosts named in
 ``allowed_hosts`` (``"host"`` or ``"host:port"``) pass anyway: the sample world allows its own
-loopback server this way.
+loopback server this way, and it is the only exception the platform makes.
 
-Limits (the downloader is img2dataset's urllib): names are checked as written unless
-``resolve_dns`` is set, and a public server that redirects to an internal address is followed.
+Two checks, one policy: :meth:`HostPolicy.refusal` judges a URL as written (before anything is fetched, and
+again for every redirect target), :meth:`HostPolicy.address_refusal` judges the address a connection is about to
+be made to, after DNS (with ``resolve_dns``, the default). The downloader connects to exactly the address it
+checked (:mod:`pipelines.data.fetch_guard`), so a name cannot pass the check and then resolve elsewhere.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ class HostPolicy:
     """Allow every private/loopback/link-local address (a trusted intranet crawl)."""
     allowed_hosts: frozenset[str] = frozenset()
     """``host`` or ``host:port`` allowed even when private."""
-    resolve_dns: bool = False
-    """Also resolve host names and refuse any that map to a non-public address (slow; needs DNS)."""
+    resolve_dns: bool = True
+    """Check the address every connection goes to, after DNS: a name that resolves to a non-public address is
+    refused (off: names are judged as written, and ``vm`` -> 127.0.0.1 passes)."""
     schemes: tuple[str, ...] = ("http", "https")
 
     @classmethod
@@ -61,19 +64,23 @@ class HostPolicy:
             return _non_public(address)
         if host == "localhost" or host.endswith(_LOCAL_SUFFIXES):
             return f"local host name {host!r}"
-        if self.resolve_dns:
-            try:
-                infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-            except OSError as err:
-                return f"cannot resolve {host!r}: {err}"
-            for info in infos:
-                reason = _non_public(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
-                if reason is not None:
-                    return f"{host!r} resolves to {reason}"
         return None
 
     def allows(self, url: str) -> bool:
         return self.refusal(url) is None
+
+    def checks_addresses(self, host: str, port: int) -> bool:
+        """Whether a connection to ``host:port`` (as written in the URL) must have its address checked."""
+        host = host.rstrip(".").lower()
+        allowed = host in self.allowed_hosts or f"{host}:{port}" in self.allowed_hosts
+        return self.resolve_dns and not self.allow_private and not allowed
+
+    def address_refusal(self, host: str, address: str) -> str | None:
+        """Why a connection for ``host`` may not go to IP ``address`` (what DNS gave), or ``None``."""
+        reason = _non_public(ipaddress.ip_address(address.split("%", 1)[0]))
+        if reason is None:
+            return None
+        return reason if _literal_address(host.rstrip(".").lower()) is not None else f"{host!r} resolves to {reason}"
 
 
 def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -1,6 +1,7 @@
 """Where the stages read and write: the storage root, its per-stage folders, and the watched folder of raw shards.
 
-Raw metadata shards lie in ``<raw>/<source>/<file>`` (``mmc4/``, ``laion/``, ``cc12m/``); each is one partition,
+Raw metadata shards lie in ``<raw>/<source>/<file>`` (``mmc4/``, ``laion/``, ``cc12m/``, ``obelics/``, ``omnicorpus/``,
+``mint1t/``: the folder names the reader, :data:`pipelines.data.readers.READERS`); each is one partition,
 keyed ``<source>/<file>`` (e.g. ``laion/part-00000.parquet``). A stage writes a partition's output to
 ``<root>/<stage>/<source>/<file name with dots as underscores><suffix>`` and whole-run outputs under
 ``<root>/<stage>/...``.
@@ -11,8 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCE_SUFFIXES = {"mmc4": (".jsonl", ".jsonl.zip"), "laion": (".parquet",), "cc12m": (".tsv",)}
-"""Sub-folders of the watched raw folder and the file names a reader exists for."""
+SOURCE_SUFFIXES = {"mmc4": (".jsonl", ".zip"), "laion": (".parquet",), "cc12m": (".tsv",), "obelics": (".parquet",),
+                   "omnicorpus": (".parquet",), "mint1t": (".parquet",)}
+"""Sub-folders of the watched raw folder and the file names a reader exists for (MMC4: ``docs_shard_{i}_v2.jsonl.zip``
+as released, ``shard_{i}.zip`` as download scripts save them, ``.jsonl``)."""
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".incomplete")
+"""Names of files still being written (by a downloader, or an atomic writer's temporary), which are not shards yet."""
 
 
 def local_path(value: str) -> Path:
@@ -59,10 +64,17 @@ class DataLayout:
 
     def raw_partition_keys(self) -> list[str]:
         """``<source>/<file>`` of every raw shard in the watched folder (sorted; files still being written, whose
-        names end otherwise, are skipped)."""
-        keys = []
-        for source, suffixes in SOURCE_SUFFIXES.items():
-            folder = self.raw / source
-            if folder.is_dir():
-                keys += [f"{source}/{p.name}" for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes)]
-        return sorted(keys)
+        names end otherwise, are skipped, and so is any other file: :meth:`unrecognised_raw_files` names those)."""
+        return sorted(f"{source}/{p.name}" for source, p in self._raw_files()
+                      if p.name.endswith(SOURCE_SUFFIXES[source]))
+
+    def unrecognised_raw_files(self) -> list[str]:
+        """``<source>/<file>`` of the files in the source folders that no reader takes (not a shard, and not a hidden
+        file or one still being written): what the raw-shard listing leaves out, for the sensor to say so."""
+        return sorted(f"{source}/{p.name}" for source, p in self._raw_files()
+                      if not p.name.endswith(SOURCE_SUFFIXES[source]) and not p.name.startswith(".")
+                      and not p.name.endswith(PARTIAL_SUFFIXES))
+
+    def _raw_files(self) -> list[tuple[str, Path]]:
+        return [(source, p) for source in SOURCE_SUFFIXES if (self.raw / source).is_dir()
+                for p in (self.raw / source).iterdir() if p.is_file()]

@@ -67,15 +67,25 @@ class PackedSequences:
 
 def pack_shards(filtered: Mapping[str, FilteredShard], downloads: Mapping[str, DownloadedShard],
                 recaptions: Mapping[str, RecaptionedShard], tokenizer: TokenizerManifest, packing: PackingConfig,
-                shards: SequenceShards, layout: DataLayout, log: Callable[[str], None] = logger.info) -> PackedSequences:
-    """Pack the filtered documents of every shard (in key order; a recaptioned pair as its recaption, images from
-    the shard's download) into ``packed_sequences/<fingerprint>/seq-NNNNNN.tar`` + ``index.json``."""
+                shards: SequenceShards, layout: DataLayout, log: Callable[[str], None] = logger.info, *,
+                lineage: Mapping[str, Any] | None = None) -> PackedSequences:
+    """Pack the documents of every shard (``filtered``: what filtering, dedup and decontamination kept, in key order;
+    a recaptioned pair as its recaption, images from the shard's download) into
+    ``packed_sequences/<fingerprint>/seq-NNNNNN.tar`` + ``index.json``; ``lineage`` (what the stages before removed,
+    and why) joins the index's ``meta``."""
     recaptioned = {k: m for k, m in recaptions.items() if m.recaptioned}
+    versions = {"tokenizer": tokenizer.version, "documents": {k: m.version for k, m in filtered.items()},
+                "recaptions": {k: m.version for k, m in recaptioned.items()}}
     meta = {"packing": packing.to_dict(), "tokenizer": tokenizer.source,
             "filter_thresholds": {k: m.thresholds for k, m in filtered.items()},
             "documents": {k: m.path for k, m in filtered.items()},
-            "recaptions": {k: {"path": m.path, "captioner_version": m.captioner_version} for k, m in recaptioned.items()}}
-    out = layout.path("packed_sequences", fingerprint(meta, shards.samples_per_shard))
+            "recaptions": {k: {"path": m.path, "captioner_version": m.captioner_version} for k, m in recaptioned.items()},
+            "data_versions": versions, **(lineage or {})}
+    # named by what it is made of (data versions, settings and what earlier stages removed), never by where those
+    # inputs lie
+    identity = {"packing": packing.to_dict(), "filter_thresholds": meta["filter_thresholds"], **versions,
+                "lineage": dict(lineage or {})}
+    out = layout.path("packed_sequences", fingerprint(identity, shards.samples_per_shard))
     text_tokenizer = tokenizer.load()
     totals = PackingStats()
     skipped = BadRecordLog(keep=20)

@@ -277,7 +277,8 @@ def _layout(document: dict[str, Any], config: PackingConfig, images: Mapping[str
         return [(_NO_IMAGES, caption, pictures)]
     after_probability = config.image_after_probability
     units: list[Unit] = []
-    for pictures, text in groups:
+    for index, (pictures, text) in enumerate(groups):
+        text = f" {text}" if index else text  # sentences joined by one space, as the public MMC4 loaders join them
         if not pictures:
             units.append((_NO_IMAGES, text, _NO_IMAGES))
             continue

@@ -53,6 +53,8 @@ class RecaptionedShard:
     captioned: int = 0
     """Pairs captioned by this run (the rest were reused from an earlier one)."""
     captioner_version: str | None = None
+    version: str = ""
+    """The data version: the captioner's and the download's (empty for a source that is not recaptioned)."""
 
     @property
     def recaptioned(self) -> bool:
@@ -78,7 +80,7 @@ class Recaptions:
 
     @property
     def version(self) -> str:
-        return fingerprint(self.captioner_version, {k: (m.path, m.documents) for k, m in self.shards.items()})
+        return fingerprint(self.captioner_version, {k: (m.version, m.documents) for k, m in self.shards.items()})
 
     @property
     def documents(self) -> int:
@@ -104,7 +106,9 @@ def recaption_shards(downloads: Mapping[str, DownloadedShard], captioner: Captio
         if source not in config.sources:
             result.shards[key] = RecaptionedShard(source, None)
             continue
-        out = layout.partition_path("recaptions", key, f".{fingerprint(captioner.version, download.output_dir)}.parquet")
+        # named by the captioner and the download's settings (with the key, that download's folder): not by where
+        # the storage root lies, so a moved root or a second clone keeps its captions
+        out = layout.partition_path("recaptions", key, f".{fingerprint(captioner.version, download.image_settings)}.parquet")
         done = pq.read_table(out).to_pylist() if out.exists() else []
         seen = {r["doc_id"] for r in done}
         todo = [d for d in read_documents(download.documents) if d["kind"] == "pair" and d["doc_id"] not in seen]
@@ -119,7 +123,8 @@ def recaption_shards(downloads: Mapping[str, DownloadedShard], captioner: Captio
                 pq.write_table(pa.Table.from_pylist(done + new, schema=RECAPTIONS_SCHEMA), tmp)
         rows = done + new
         result.examples += [(r["caption"], r[CAPTION_FIELD], r["doc_id"]) for r in rows[: 5 - len(result.examples)]]
-        result.shards[key] = RecaptionedShard(source, str(out), len(rows), len(new), captioner.version)
+        result.shards[key] = RecaptionedShard(source, str(out), len(rows), len(new), captioner.version,
+                                              fingerprint(captioner.version, download.content))
         log(f"{key}: {len(rows)} pairs recaptioned ({len(new)} new, {len(done)} reused)")
     result.skipped_images = skipped.count
     return result

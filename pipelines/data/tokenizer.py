@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from model.tokenizer import add_multimodal_tokens
-from pipelines.files import atomic_path, fingerprint
+from pipelines.files import atomic_path, fingerprint, sha256
 
 TINY_BOI_TOKEN = "<BoI>"
 TINY_IMAGE_TOKEN = "<image>"
@@ -153,7 +153,10 @@ class TokenizerManifest:
 
     @property
     def version(self) -> str:
-        return fingerprint(asdict(self))
+        """The saved files' content and the special tokens (not where they are saved, nor the source's paths)."""
+        files = sorted(p for p in Path(self.path).rglob("*") if p.is_file())
+        return fingerprint(sha256(*files, root=self.path), self.vocab_size, asdict(self.token_ids), self.boi_token,
+                           self.image_token)
 
     def load(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.path, boi_token=self.boi_token, image_token=self.image_token)

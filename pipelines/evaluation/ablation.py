@@ -70,7 +70,7 @@ class AblationReport:
 
     @property
     def version(self) -> str:
-        return fingerprint(self.path, self.scores)
+        return fingerprint(Path(self.path).name, self.scores)  # the folder is named by its inputs; not where it lies
 
 
 def pack_variants(keys: Sequence[str], filtered: Mapping[str, FilteredShard], downloads: Mapping[str, DownloadedShard],

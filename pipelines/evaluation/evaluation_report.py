@@ -1,6 +1,7 @@
 """The evaluation_report stage: the sample world's benchmarks on a checkpoint, on its fine-tuned successor and on its
 untrained step-0 twin, side by side, with the CLIP score of generated images, the loss curves, example grids and
-the lineage (shards, filter thresholds, instruction shards, model config, commit)."""
+the lineage (shards, filter thresholds, what dedup and decontamination removed from the training data and why,
+instruction shards, model config, commit)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines.compute import Compute
 from pipelines.data.clip_score import ClipScorerManifest
+from pipelines.data.shards import read_index
 from pipelines.evaluation.intervals import Estimate
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.run import EvaluationConfig, EvaluationResult, evaluate_checkpoint
@@ -54,7 +57,7 @@ class EvaluationReport:
 
     @property
     def version(self) -> str:
-        return fingerprint(self.path, self.scores)
+        return fingerprint(Path(self.path).name, self.scores)  # the folder is named by its inputs; not where it lies
 
 
 def baseline_comparison(report: EvaluationReport) -> dict[str, tuple[Estimate, Estimate]]:
@@ -69,6 +72,27 @@ def beats_baseline(report: EvaluationReport) -> bool:
     there is one)."""
     pairs = baseline_comparison(report)
     return bool(pairs) and all(trained.above(untrained) for trained, untrained in pairs.values())
+
+
+def removed_from_training(shards_path: str) -> dict[str, Any]:
+    """The lineage rows of what dedup and decontamination removed from the training shards, and why (counts by rule,
+    examples, the files listing every removal), from the shards' index; none for shards packed without them."""
+    meta = read_index(shards_path).meta
+    rows: dict[str, Any] = {}
+    if "dedup" in meta:
+        dedup = meta["dedup"]
+        rows["dedup"] = {"removed": dedup["drops_by_rule"], "order": dedup["order"],
+                         "images kept": f"{dedup['images_kept']} of {dedup['images_in']}",
+                         "documents kept": f"{dedup['documents_kept']} of {dedup['documents_in']}",
+                         "removals listed in": sorted(dedup["drops"].values())}
+    if "decontamination" in meta:
+        clean = meta["decontamination"]
+        rows["decontamination"] = {"checked against": clean["checked_against"], "removed": clean["removed"],
+                                   "images kept": f"{clean['images_kept']} of {clean['images_in']}",
+                                   "documents kept": f"{clean['documents_kept']} of {clean['documents_in']}",
+                                   "settings": clean["config"], "examples": clean["examples"][:5],
+                                   "removals listed in": sorted(clean["drops"].values())}
+    return rows
 
 
 def finetuned_comparison(report: EvaluationReport) -> dict[str, tuple[Estimate, Estimate, Estimate]]:
@@ -108,6 +132,7 @@ def report_against_baseline(checkpoint: Checkpoint, finetuned: FinetunedCheckpoi
         "shards data version": checkpoint.shards.data_version,
         "shard files (sha256)": checkpoint.shards.files,
         "filter thresholds": checkpoint.filter_thresholds,
+        **removed_from_training(checkpoint.shards.path),
         "packing": dataclasses.asdict(checkpoint.packing),
         "model config hash": checkpoint.model_config_hash,
         "finetuned checkpoint": finetuned.checkpoint,

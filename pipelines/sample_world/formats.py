@@ -67,6 +67,10 @@ def mmc4_records(world: SampleWorld, base_url: str) -> list[dict]:
     return records
 
 
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+"""The modification time of every member of the MMC4 zips (the earliest a zip can record)."""
+
+
 def write_mmc4(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *,
                docs_per_shard: int = ShardSizes.docs_per_shard,
                zipped: bool = True) -> list[Path]:
@@ -79,7 +83,10 @@ def write_mmc4(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *,
         if zipped:
             path = out / f"{member}.zip"
             with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                archive.writestr(member, data)
+                # a fixed timestamp (not the clock's): the same world gives the same bytes, hence the same data version
+                info = zipfile.ZipInfo(member, date_time=ZIP_DATE_TIME)
+                info.external_attr = 0o644 << 16
+                archive.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
         else:
             path = write_text(out / member, data)
         paths.append(path)

@@ -47,6 +47,7 @@ from pipelines.data.tokenizer import train_tokenizer
 from pipelines.sample_world.captions import caption_scores
 from pipelines.sample_world.documents import world_documents, world_images, world_texts, world_truth
 from pipelines.sample_world.world import SampleWorld, WorldConfig, caption, generate_world
+from pipelines.training.model_cache import cached_model
 
 WORLD_CAPTIONER_KIND = "sample_world_tiny_blip2"
 POSITION_EMBEDDING_STD = 1.0
@@ -243,14 +244,23 @@ class WorldCaptioner:
 
 def provide_captioner(source: WorldCaptioner | PretrainedBlip2, out_dir: Path,
                       compute: Compute = Compute()) -> CaptionerManifest:
-    """The captioner stage: train the sample world's captioner into ``out_dir`` and evaluate it, or check and
-    describe a BLIP-2 folder on local disk (``out_dir`` is not written then)."""
+    """The captioner stage: the sample world's captioner trained (and evaluated) into a folder under ``out_dir`` named
+    by ``source``, once (:func:`pipelines.training.model_cache.cached_model`), or a BLIP-2 folder on local disk
+    checked and described (``out_dir`` is not written then)."""
     if isinstance(source, PretrainedBlip2):
         return source.describe()
-    training_world = captioner_training_world(replace(source.world, seed=source.world.seed + 2000), source.training_pairs)
-    with compute.threads():
-        _, report = train_world_captioner(training_world, out_dir, source.training)
-        manifest = CaptionerManifest(kind=WORLD_CAPTIONER_KIND, directory=str(out_dir), version=model_digest(out_dir),
-                                     captioning=source.captioning, training=report)
-        evaluation = evaluate_recaptioning(manifest.load(compute), generate_world(source.world))
-    return replace(manifest, evaluation=evaluation)
+
+    def build(folder: Path) -> CaptionerManifest:
+        training_world = captioner_training_world(replace(source.world, seed=source.world.seed + 2000),
+                                                  source.training_pairs)
+        with compute.threads():
+            _, report = train_world_captioner(training_world, folder, source.training)
+            manifest = CaptionerManifest(kind=WORLD_CAPTIONER_KIND, directory=str(folder), version=model_digest(folder),
+                                         captioning=source.captioning, training=report)
+            evaluation = evaluate_recaptioning(manifest.load(compute), generate_world(source.world))
+        return replace(manifest, evaluation=evaluation)
+
+    def restore(saved: dict[str, Any], folder: Path) -> CaptionerManifest:
+        return CaptionerManifest(**{**saved, "directory": str(folder), "captioning": Captioning(**saved["captioning"])})
+
+    return cached_model(out_dir, source, build, restore)

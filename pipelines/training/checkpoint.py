@@ -20,6 +20,7 @@ from pipelines.data.shards import read_index
 from pipelines.data.tokenizer import TokenizerManifest
 from pipelines.files import fingerprint
 from pipelines.lineage import git_commit
+from pipelines.training.run_lock import run_folder_lock
 from pipelines.training.train import (
     TrainConfig,
     build_model,
@@ -89,12 +90,20 @@ class Checkpoint:
 
     @property
     def version(self) -> str:
-        settings = {k: v for k, v in self.train_config.items() if k != "run_dir"}
-        return fingerprint(self.model_config_hash, self.shards.data_version, settings, self.step)
+        """The model config, the shards' data version, the settings and the step: never the paths of its inputs."""
+        return fingerprint(self.model_config_hash, self.shards.data_version, _settings(self.train_config), self.step)
 
     def metrics(self) -> list[dict[str, Any]]:
         """The run's optimizer-step records (``metrics.jsonl``)."""
         return read_metrics(self.run_dir)
+
+
+PATH_FIELDS = ("run_dir", "shards", "tokenizer")
+"""TrainConfig fields that say where things lie; the data versions of the shards and tokenizer stand for them."""
+
+
+def _settings(train_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train_config.items() if k not in PATH_FIELDS}
 
 
 def train_checkpoint(sequences: PackedSequences, tokenizer: TokenizerManifest, model: ModelChoice, training: TrainConfig,
@@ -111,8 +120,8 @@ def train_checkpoint(sequences: PackedSequences, tokenizer: TokenizerManifest, m
     config_hash = fingerprint(model_config.to_dict())
     inputs = {"shards": sequences.path, "tokenizer": tokenizer.path, "model": model_config.to_dict(),
               "torch_threads": compute.torch_threads}
-    settings = {k: v for k, v in replace(training, **inputs).to_dict().items() if k != "run_dir"}
-    run_dir = Path(training.run_dir) / fingerprint(sequences.version, settings, config_hash)
+    settings = _settings(replace(training, **inputs).to_dict())
+    run_dir = Path(training.run_dir) / fingerprint(sequences.version, tokenizer.version, settings, config_hash)
     config = replace(training, run_dir=str(run_dir), **inputs)
     log(f"training {config.max_steps} steps in {run_dir} on {sequences.samples} sequences")
     start = time.perf_counter()
@@ -123,8 +132,9 @@ def train_checkpoint(sequences: PackedSequences, tokenizer: TokenizerManifest, m
     else:
         torch.manual_seed(config.seed)
         built = build_model(config)
-    untrained = save_model(built, run_dir / "untrained" / "model")  # the step-0 baseline: same init, same VAE
-    result = train(config, model=built)
+    with run_folder_lock(run_dir):  # one writer: the untrained twin too
+        untrained = save_model(built, run_dir / "untrained" / "model")  # the step-0 baseline: same init, same VAE
+        result = train(config, model=built)
     index = read_index(sequences.path)
     return Checkpoint(
         run_dir=str(run_dir), checkpoint=str(result.checkpoint), model_dir=str(result.checkpoint / "model"),

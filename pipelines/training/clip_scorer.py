@@ -35,6 +35,7 @@ from pipelines.compute import Compute
 from pipelines.data.clip_score import WORLD_SCORER_KIND, ClipScorer, ClipScorerManifest, PretrainedClip
 from pipelines.sample_world.scenes import encode, render
 from pipelines.sample_world.world import SampleWorld, WorldConfig, caption, generate_world
+from pipelines.training.model_cache import cached_model
 
 
 def tiny_clip_config(image_size: int = 64, context_length: int = 64) -> dict[str, Any]:
@@ -232,14 +233,19 @@ class WorldScorer:
 
 
 def provide_clip_scorer(source: WorldScorer | PretrainedClip, out_dir: Path, compute: Compute = Compute()) -> ClipScorerManifest:
-    """The clip_scorer stage: train the sample world's scorer into ``out_dir`` (and evaluate it), or check and
-    describe a pretrained checkpoint on local disk (``out_dir`` is not written then; weights are never downloaded)."""
+    """The clip_scorer stage: the sample world's scorer trained (and evaluated) into a folder under ``out_dir`` named
+    by ``source``, once (:func:`pipelines.training.model_cache.cached_model`), or a pretrained checkpoint on local
+    disk checked and described (``out_dir`` is not written then; weights are never downloaded)."""
     if isinstance(source, PretrainedClip):
         return source.describe()
-    training_world = generate_world(replace(source.world, seed=source.world.seed + 1000, n_pairs=source.training_pairs,
-                                            n_stories=source.training_stories))
-    with compute.threads():
-        scorer, report = train_world_scorer(training_world, out_dir, source.training)
-        evaluation = evaluate_scorer(scorer, generate_world(replace(source.world, seed=source.world.seed + 1)))
-    return ClipScorerManifest(kind=WORLD_SCORER_KIND, threshold=scorer.threshold, directory=str(out_dir),
-                              training=report, evaluation=evaluation)
+
+    def build(folder: Path) -> ClipScorerManifest:
+        training_world = generate_world(replace(source.world, seed=source.world.seed + 1000,
+                                                n_pairs=source.training_pairs, n_stories=source.training_stories))
+        with compute.threads():
+            scorer, report = train_world_scorer(training_world, folder, source.training)
+            evaluation = evaluate_scorer(scorer, generate_world(replace(source.world, seed=source.world.seed + 1)))
+        return ClipScorerManifest(kind=WORLD_SCORER_KIND, threshold=scorer.threshold, directory=str(folder),
+                                  training=report, evaluation=evaluation)
+
+    return cached_model(out_dir, source, build, lambda saved, folder: ClipScorerManifest(**{**saved, "directory": str(folder)}))

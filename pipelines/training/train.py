@@ -11,6 +11,8 @@ step, plus ``event`` records for skipped batches, checkpoints and resumes), ``sa
 (the sample keys each rank consumed, per micro-batch: data lineage) and ``checkpoints/`` (see
 :mod:`model.checkpoint`). Started again on the same folder, training resumes from the latest
 checkpoint: weights, optimizer, step (the schedule is a function of it), each rank's data position and RNG.
+A folder has one writer: each rank holds its lock in ``.lock/`` (:mod:`pipelines.training.run_lock`) and a second
+training there stops before writing anything. Run alone, the rendezvous and gloo/NCCL listen on loopback only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -26,14 +29,16 @@ import os
 import socket
 import sys
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.distributed as dist
 import webdataset as wds
+from annotated_types import Ge, Gt, Interval
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -52,7 +57,9 @@ from pipelines.compute import cpu_threads, offline_process
 from pipelines.data.loader import collate_sequences, sequence_dataset
 from pipelines.data.shards import read_index
 from pipelines.data.tokenizer import load_tokenizer
+from pipelines.fields import check_fields
 from pipelines.files import atomic_path, write_json, write_text
+from pipelines.training.run_lock import RunFolderLocked, run_folder_lock
 from pipelines.training.schedule import SCHEDULES, lr_factor
 
 logger = logging.getLogger(__name__)
@@ -76,59 +83,60 @@ class TrainConfig:
     """Local tokenizer folder; ``None``: the model config's ``tokenizer_path``/``llm_path``."""
     model: str | dict[str, Any] = "tiny"
     """``"tiny"`` (the preset's defaults), a path to a model ``config.json``, or ``MMInterleavedConfig.to_dict()``."""
-    max_steps: int = 15000
+    max_steps: Annotated[int, Ge(1)] = 15000
     """Optimizer steps to train for (the paper: 15k)."""
-    batch_size: int = 1
+    batch_size: Annotated[int, Ge(1)] = 1
     """Packed sequences per rank per micro-batch."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: Annotated[int, Ge(1)] = 1
     """Micro-batches per optimizer step; the global batch is ``batch_size * grad_accum_steps * world_size``."""
-    lr: float = 1e-4
+    lr: Annotated[float, Gt(0)] = 1e-4
     """Peak learning rate of everything but the image decoder."""
-    decoder_lr: float = 1e-5
+    decoder_lr: Annotated[float, Ge(0)] = 1e-5
     """Peak learning rate of the image decoder."""
-    weight_decay: float = 0.05
+    weight_decay: Annotated[float, Ge(0)] = 0.05
     """AdamW weight decay (gates, sampling offsets, norms and biases are excluded by the model's groups)."""
     betas: tuple[float, float] = (0.9, 0.995)
-    eps: float = 1e-8
-    warmup_steps: int = 1000
+    eps: Annotated[float, Gt(0)] = 1e-8
+    warmup_steps: Annotated[int, Ge(0)] = 1000
     """Linear warmup steps."""
-    schedule: str = "cosine"
+    schedule: Literal[SCHEDULES] = "cosine"
     """After warmup: ``cosine`` decay to ``min_lr_ratio`` at ``max_steps``, or ``constant``."""
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    min_lr_ratio: Annotated[float, Interval(ge=0, le=1)] = 0.0
+    grad_clip: Annotated[float, Ge(0)] = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    precision: str = "auto"
+    precision: Literal[PRECISIONS] = "auto"
     """``auto`` (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states, the paper), 2 (+ gradients)."""
     seed: int = 0
     """Seeds the model init, the data order (per epoch) and each rank's RNG."""
-    shuffle_buffer: int = 256
+    shuffle_buffer: Annotated[int, Ge(1)] = 256
     """Samples in each data worker's shuffle buffer (1: no shuffle)."""
     resampled: bool = False
     """Resample shards endlessly (multi-node recipe); then ``epoch_samples`` bounds an epoch and a
     resume starts a fresh, differently seeded epoch instead of replaying to the exact position."""
-    epoch_samples: int | None = None
+    epoch_samples: Annotated[int, Ge(1)] | None = None
     """Samples per data worker per epoch; required with ``resampled``."""
-    num_workers: int = 0
+    num_workers: Annotated[int, Ge(0)] = 0
     """DataLoader worker processes per rank."""
-    checkpoint_every: int = 1000
+    checkpoint_every: Annotated[int, Ge(1)] = 1000
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: Annotated[int, Ge(0)] = 3
     """Checkpoints kept (oldest pruned first); 0 keeps all."""
     resume: bool = True
     """Resume from the run folder's latest checkpoint when there is one."""
-    max_consecutive_skips: int = 8
+    max_consecutive_skips: Annotated[int, Ge(1)] = 8
     """Abort when this many micro-batches in a row have a NaN/inf loss."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
     log_samples: bool = True
     """Write the sample keys of every micro-batch to ``samples/rank{r}.jsonl``."""
-    torch_threads: int = 0
+    torch_threads: Annotated[int, Ge(0)] = 0
     """CPU threads of each rank while training; 0 keeps torch's setting. On a small shared CPU, 1 avoids
     oversubscription (measured: ~1 s instead of 5-50 s per step of the tiny preset with 3 busy processes on 2 cores)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, choices and ranges, from the annotations
         if not self.run_dir:
             raise ValueError("run_dir must be a folder path")
         if isinstance(self.shards, (list, tuple)):
@@ -138,33 +146,15 @@ class TrainConfig:
         elif not self.shards:
             raise ValueError("shards must be a shard folder or a list of shard paths")
         self.betas = tuple(float(b) for b in self.betas)
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "checkpoint_every", "max_consecutive_skips", "shuffle_buffer"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "keep_checkpoints", "torch_threads"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.decoder_lr >= 0):
-            raise ValueError(f"lr must be > 0 and decoder_lr >= 0, got {self.lr} and {self.decoder_lr}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0 and eps > 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage} (stage 3 would need "
                              "parameter gathering to write the safetensors model; not supported yet)")
         if self.resampled and self.epoch_samples is None:
             raise ValueError("resampled=True reads shards forever: set epoch_samples")
-        if self.epoch_samples is not None and self.epoch_samples < 1:
-            raise ValueError("epoch_samples must be >= 1")
         if self.model != "tiny" and not isinstance(self.model, dict) and not Path(self.model).is_file():
             raise ValueError(f"model must be 'tiny', a config dict or a config.json path; {self.model!r} is not a file")
 
@@ -173,16 +163,33 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        """The fields in JSON file ``path``, then ``overrides``; a bad file or an unknown key is named."""
+        """The fields in JSON file ``path``, then ``overrides`` (``--set``: ``true``/``false`` in any case for a
+        boolean). Every problem is one ``ValueError`` line naming the file and the key."""
         try:
             fields = json.loads(Path(path).read_text())
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read the config ({error.strerror})") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
-        fields.update(overrides or {})
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: expected a JSON object of TrainConfig fields, got a {type(fields).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in (overrides or {}).items():
+            hint = typing.get_type_hints(cls).get(key)
+            if hint is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            fields[key] = value
+        unknown = sorted(set(fields) - set(known))
         if unknown:
-            raise ValueError(f"{path}: unknown TrainConfig keys {unknown}")
-        return cls(**fields)
+            raise ValueError(f"{path}: unknown TrainConfig keys {unknown} (known: {', '.join(known)})")
+        missing = [name for name, f in known.items() if name not in fields
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{path}: missing required TrainConfig keys {missing}")
+        try:
+            return cls(**fields)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def model_config(self) -> MMInterleavedConfig:
         if self.model == "tiny":
@@ -217,35 +224,76 @@ def _deepspeed():
     return deepspeed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LOOPBACK_INTERFACES = ("lo", "lo0")
+"""Names of the loopback interface (Linux, macOS), for gloo's and NCCL's own sockets."""
+
+
+def _bind_to_loopback() -> None:
+    """gloo and NCCL open sockets of their own, on the interface the host name resolves to unless told: on one
+    machine, tell them loopback (a variable the user set wins)."""
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((name for name in LOOPBACK_INTERFACES if name in names), None)
+    if loopback is None:
+        logger.warning("no loopback interface among %s: gloo/NCCL bind where the host name resolves", sorted(names))
+        return
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, loopback)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_store() -> dist.TCPStore:
+    """A one-rank rendezvous store listening on 127.0.0.1 only (torch's binds every interface; it listens on a socket
+    bound here instead, and the port is the kernel's choice, so no race for a free one)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    # the store's server owns the socket from here on (it closes it when the store goes)
+    return dist.TCPStore("127.0.0.1", port, 1, True, master_listen_fd=listener.detach(), wait_for_workers=False)
 
 
 @contextlib.contextmanager
 def distributed() -> Iterator[tuple[int, int, int]]:
-    """(rank, world size, local rank). Launched by torchrun/deepspeed: their environment; alone: a one-rank
-    group on a free local port. Tears down only a group it created (env restored afterwards)."""
+    """(rank, world size, local rank). Launched by torchrun/deepspeed: their environment (``MASTER_ADDR`` decides
+    where the ranks meet; on loopback, gloo/NCCL bind there too); alone: a one-rank group whose rendezvous and
+    sockets listen on loopback only. Tears down only a group it created (env restored afterwards)."""
     deepspeed = _deepspeed()
     if dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
         return
-    alone = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    added = {k: v for k, v in alone.items() if k not in os.environ} if "RANK" not in os.environ else {}
-    os.environ.update(added)
+    launched = "RANK" in os.environ
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                             "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
     try:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not launched or _is_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1")):
+            _bind_to_loopback()
+        if not launched:
+            store = _loopback_store()
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(store.port)})
         local_rank = int(os.environ["LOCAL_RANK"])
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+        if not launched:
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts a group made here
         try:
             yield dist.get_rank(), dist.get_world_size(), local_rank
         finally:
             deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups (a later call re-inits)
     finally:
-        for key in added:
-            os.environ.pop(key, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _precision(config: TrainConfig) -> str:
@@ -449,7 +497,9 @@ def train(config: TrainConfig, *, model=None, data=None) -> TrainResult:
     :class:`EpochData`; a custom iterator's position is not checkpointed).
     """
     run_dir = Path(config.run_dir)
-    with distributed() as (rank, world_size, local_rank), cpu_threads(config.torch_threads):
+    # first: a training refused because another holds the folder must change nothing in it
+    with run_folder_lock(run_dir, int(os.environ.get("RANK", 0))), distributed() as (rank, world_size, local_rank), \
+            cpu_threads(config.torch_threads):
         deepspeed = _deepspeed()
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if rank == 0:
@@ -636,9 +686,9 @@ def run_from_arguments(args: argparse.Namespace) -> int:
     """Train the run the parsed command line describes; a bad config file or key exits naming it."""
     try:
         config = TrainConfig.from_json(args.config, dict(args.set or []))
-    except ValueError as error:
+        result = train(config)
+    except (ValueError, RunFolderLocked) as error:  # a bad config, a locked folder, a refused engine state
         raise SystemExit(str(error)) from None
-    result = train(config)
     print(f"step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
