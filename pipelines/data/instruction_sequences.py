@@ -4,7 +4,7 @@ packed with loss on the answers only (:mod:`pipelines.data.packing`) into WebDat
 
 The packing settings and the tokenizer are the pretraining shards' (:class:`PackedSequences`), so the fine-tuned
 model reads the same sequence length, visual tokens and token ids it was pretrained on. The output folder is named
-by the fingerprint of those settings, the tokenizer and each instruction file's sha256.
+by the fingerprint of those settings, the tokenizer's version and each instruction file's sha256 (not their paths).
 """
 
 from __future__ import annotations
@@ -114,9 +114,12 @@ def pack_instructions(sources: InstructionSources, tokenizer: TokenizerManifest,
     if missing:
         raise FileNotFoundError(f"instruction files not found: {missing}")
     packing = pretraining.packing
+    hashes = {str(f): sha256(f) for f in files}
     meta = {"packing": packing.to_dict(), "tokenizer": tokenizer.source, "image_dir": str(image_dir),
-            "instructions": {str(f): sha256(f) for f in files}}
-    out = layout.path("instruction_sequences", fingerprint(meta, shards.samples_per_shard))
+            "instructions": hashes}
+    # named by what it is made of (settings, the tokenizer's version, the files' content), never by where those lie
+    identity = {"packing": packing.to_dict(), "tokenizer": tokenizer.version, "instructions": sorted(hashes.values())}
+    out = layout.path("instruction_sequences", fingerprint(identity, shards.samples_per_shard))
     text_tokenizer = tokenizer.load()
     counts, malformed, images = InstructionCounts(), BadRecordLog(keep=20), ImageFolder(image_dir)
     packed = False

@@ -17,7 +17,7 @@ from pipelines.data.instruction_sequences import InstructionSequences
 from pipelines.data.shards import read_index
 from pipelines.files import fingerprint
 from pipelines.lineage import git_commit
-from pipelines.training.checkpoint import Checkpoint, ShardLineage
+from pipelines.training.checkpoint import PATH_FIELDS, Checkpoint, ShardLineage
 from pipelines.training.train import TrainConfig, read_metrics, train
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class FinetunedCheckpoint:
 
     @property
     def version(self) -> str:
-        settings = {k: v for k, v in self.train_config.items() if k != "run_dir"}
+        settings = {k: v for k, v in self.train_config.items() if k not in PATH_FIELDS}
         return fingerprint(self.pretrained.version, self.shards.data_version, settings, self.step)
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -73,7 +73,7 @@ def finetune_checkpoint(pretrained: Checkpoint, sequences: InstructionSequences,
                          f"(<s> </s> <BoI> <image>: {shard_ids} vs {model_ids})")
     inputs = {"shards": sequences.path, "tokenizer": pretrained.train_config.get("tokenizer"),
               "model": model.config.to_dict(), "torch_threads": compute.torch_threads}
-    settings = {k: v for k, v in replace(training, **inputs).to_dict().items() if k != "run_dir"}
+    settings = {k: v for k, v in replace(training, **inputs).to_dict().items() if k not in PATH_FIELDS}
     run_dir = Path(training.run_dir) / fingerprint(pretrained.version, sequences.version, settings)
     config = replace(training, run_dir=str(run_dir), **inputs)
     log(f"fine-tuning {pretrained.model_dir} for {config.max_steps} steps in {run_dir} on {sequences.samples} "
