@@ -38,6 +38,7 @@ from pipelines.evaluation.contamination import BenchmarkSplits
 from pipelines.sample_world.contamination import WorldEvaluationSplits
 from pipelines.sample_world.formats import ShardSizes
 from pipelines.sample_world.images import SampleWorldImages as SampleWorldImageSource
+from pipelines.sample_world.instructions import InstructionConfig
 from pipelines.sample_world.tokenizer import WorldTokenizer
 from pipelines.sample_world.world import SampleWorld as World
 from pipelines.sample_world.world import WorldConfig, generate_world
@@ -57,15 +58,18 @@ class Storage(dg.ConfigurableResource):
         return DataLayout.at(self.root, self.raw_dir)
 
 
-class SampleWorld(stage_fields(WorldConfig, ShardSizes, base=StageResource)):
-    """Seed and size of the embedded sample world (:class:`pipelines.sample_world.world.WorldConfig`) and how its
-    metadata is cut into raw shards."""
+class SampleWorld(stage_fields(WorldConfig, ShardSizes, InstructionConfig, base=StageResource)):
+    """Seed and size of the embedded sample world (:class:`pipelines.sample_world.world.WorldConfig`), how its
+    metadata is cut into raw shards and which instruction items it writes."""
 
     def config(self) -> WorldConfig:
         return self.to(WorldConfig)
 
     def shard_sizes(self) -> ShardSizes:
         return self.to(ShardSizes)
+
+    def instructions(self) -> InstructionConfig:
+        return self.to(InstructionConfig)
 
     def generate(self) -> World:
         return generate_world(self.config())

@@ -1,4 +1,4 @@
-"""The sample world's metadata: the three source formats, ground truth and eval splits.
+"""The sample world's metadata: the three source formats, ground truth, eval splits and instruction data.
 
 Written into the watched raw folder, so the world's shards become partitions of ``source_shards``
 like any raw shard (this asset registers them, so a run right after it can address them).
@@ -16,8 +16,9 @@ from pipelines.sample_world.publish import PublishedWorld, publish_world
 
 @dg.asset(group_name="sample_world", kinds={"python"})
 def sample_world(context: dg.AssetExecutionContext, storage: Storage, world: SampleWorld) -> dg.Output[PublishedWorld]:
-    """Generate the seeded world and write its metadata as MMC4 jsonl.zip, LAION parquet and CC-12M tsv."""
-    published = publish_world(world.config(), world.shard_sizes(), storage.layout.raw)
+    """Generate the seeded world and write its metadata as MMC4 jsonl.zip, LAION parquet and CC-12M tsv, and its
+    instruction data as LLaVA-style JSON."""
+    published = publish_world(world.config(), world.shard_sizes(), storage.layout.raw, world.instructions())
     new = [k for k in published.partition_keys if not context.instance.has_dynamic_partition(source_shards.name, k)]
     context.instance.add_dynamic_partitions(source_shards.name, new)
     return dg.Output(published, metadata=_metadata(published, new), data_version=dg.DataVersion(published.version))
@@ -31,7 +32,9 @@ def _metadata(published: PublishedWorld, new: list[str]) -> dict:
         "shards": table({k: "new partition" if k in new else "existing partition" for k in published.partition_keys},
                         ("shard", "")),
         "eval_items": published.eval_items,
-        "config": {**asdict(published.world), **asdict(published.shards)},
+        "instruction_items": published.instruction_items,
+        "instruction_file": dg.MetadataValue.path(published.instruction_file),
+        "config": {**asdict(published.world), **asdict(published.shards), **asdict(published.instructions)},
         "raw_dir": dg.MetadataValue.path(published.raw_dir),
         "preview": image_preview(published.preview()),
     }

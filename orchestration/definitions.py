@@ -25,8 +25,13 @@ from assets.clip import clip_scorer, clip_scores
 from assets.decontamination import decontaminated_documents
 from assets.dedup import deduplicated_documents, deduplicated_documents_rate
 from assets.download import downloaded_images, downloaded_images_shard_integrity, downloaded_images_success_rate
-from assets.evaluation import evaluation_report, evaluation_report_beats_untrained
+from assets.evaluation import (
+    evaluation_report,
+    evaluation_report_beats_untrained,
+    evaluation_report_finetuned_beats_baselines,
+)
 from assets.filtering import filtered_documents, filtered_documents_pass_rate
+from assets.finetuning import finetuned_checkpoint, instruction_sequences, instruction_sequences_shard_integrity
 from assets.io_manager import ManifestIOManager
 from assets.packing import packed_sequences, packed_sequences_max_tokens, packed_sequences_shard_integrity, tokenizer
 from assets.recaption import captioner, recaptions
@@ -61,10 +66,11 @@ from orchestration.jobs import (
 
 PRESETS = ("sample_world", "real_data")
 DATA_ASSETS = [raw_documents, downloaded_images, clip_scorer, clip_scores, filtered_documents, captioner, recaptions,
-               deduplicated_documents, decontaminated_documents, tokenizer, packed_sequences, checkpoint]
+               deduplicated_documents, decontaminated_documents, tokenizer, packed_sequences, checkpoint,
+               instruction_sequences, finetuned_checkpoint]
 DATA_CHECKS = [raw_documents_shards_readable, raw_documents_parse_rate, downloaded_images_shard_integrity, downloaded_images_success_rate,
                filtered_documents_pass_rate, deduplicated_documents_rate, packed_sequences_shard_integrity,
-               packed_sequences_max_tokens]
+               packed_sequences_max_tokens, instruction_sequences_shard_integrity]
 # The sample world ships its own benchmarks (and its scenes for the ablation); real benchmarks come with
 # their own data, so these assets exist in the sample-world preset only.
 SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, ablation_checkpoints,
@@ -109,7 +115,8 @@ def build_definitions(preset: str, resources: dict) -> dg.Definitions:
     if preset not in PRESETS:
         raise ValueError(f"WEFT_PRESET must be one of {PRESETS}, got {preset!r}")
     if preset == "sample_world":
-        assets, checks = [*DATA_ASSETS, *SAMPLE_WORLD_EVALUATION], [*DATA_CHECKS, evaluation_report_beats_untrained]
+        assets = [*DATA_ASSETS, *SAMPLE_WORLD_EVALUATION]
+        checks = [*DATA_CHECKS, evaluation_report_beats_untrained, evaluation_report_finetuned_beats_baselines]
         jobs = [sample_world_data, sample_world_main, mmfs_ablation, refilter, ingest]
     else:
         assets, checks, jobs = DATA_ASSETS, DATA_CHECKS, [refilter, ingest]

@@ -17,8 +17,9 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 PARTITION_RANGE_START, PARTITION_RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 """Dagster's documented run tags that make one run cover a range of partitions (``dagster job execute --tags``)."""
 
-# Models and reports are not data: re-filtering never retrains, and the data job stops at the shards.
-MODEL_GROUPS = dg.AssetSelection.groups("training", "evaluation", "ablation")
+# Models and reports are not data: re-filtering never retrains, and the data job stops at the shards. Fine-tuning
+# (its instruction shards included) comes after the checkpoint, from data of its own.
+MODEL_GROUPS = dg.AssetSelection.groups("training", "finetuning", "evaluation", "ablation")
 DATA = dg.AssetSelection.assets(raw_documents).downstream() - MODEL_GROUPS | dg.AssetSelection.groups("packing", "models")
 
 sample_world_data = dg.define_asset_job(
@@ -30,9 +31,10 @@ sample_world_data = dg.define_asset_job(
 
 sample_world_main = dg.define_asset_job(
     "sample_world_main",
-    selection=DATA | dg.AssetSelection.groups("training", "evaluation"),
-    description=("The main job: the data graph, then the checkpoint trained on its shards and the evaluation report "
-                 "(trained vs untrained, with lineage), over a range of raw shards."),
+    selection=DATA | dg.AssetSelection.groups("training", "finetuning", "evaluation"),
+    description=("The main job: the data graph, then the checkpoint trained on its shards, its fine-tuning on the "
+                 "instruction data and the evaluation report (trained vs finetuned vs untrained, with lineage), over a "
+                 "range of raw shards."),
 )
 
 mmfs_ablation = dg.define_asset_job(

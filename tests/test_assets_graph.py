@@ -209,6 +209,22 @@ def test_recaptioned_pairs_are_judged_by_their_recaption(graph):
         assert (r["doc_id"] in kept) == (r["similarity_recaption"] >= threshold), r
 
 
+def test_instruction_sequences_read_the_sample_worlds_instruction_data_with_the_preset(graph):
+    """The sample world wrote raw/instructions/ (not a raw-shard partition), where the SFT data is read by default."""
+    assert "instructions" not in {k.split("/")[0] for k in graph.keys}
+    world = graph.materializations("sample_world")[0].metadata
+    assert world["instruction_items"].value > 0
+    config = preset_run_config("sample_world", ("instruction_sequences",))
+    result = graph.defs.get_implicit_global_asset_job_def().execute_in_process(
+        instance=graph.instance, run_config=config, asset_selection=[dg.AssetKey("instruction_sequences")])
+    assert result.success
+    sequences = result.output_for_node("instruction_sequences")
+    packed = json.loads((graph.root / "_manifests" / "packed_sequences" / "manifest.json").read_text())
+    assert sequences.counts.items == world["instruction_items"].value and sequences.counts.malformed == 0
+    assert sequences.packing.max_length == packed["packing"]["max_length"] == 320  # packed as the pretraining data
+    assert verify_shards(sequences.path) == [] and sequences.counts.losses.trained_tokens > 0
+
+
 @pytest.mark.slow
 def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph):
     """Before the refilter test: the variants are packed from the documents the preset's thresholds keep."""

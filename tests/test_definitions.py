@@ -35,11 +35,14 @@ def test_definitions_load():
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
                     "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
-                    "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint",
-                    "evaluation_report", "ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
+                    "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint", "instruction_sequences",
+                    "finetuned_checkpoint", "evaluation_report", "ablation_sequences", "ablation_checkpoints",
+                    "mmfs_ablation_report"}
     assert {c.name for c in graph.asset_check_keys} >= {"downloaded_images_shard_integrity",
                                                         "packed_sequences_shard_integrity",
-                                                        "evaluation_report_beats_untrained"}
+                                                        "instruction_sequences_shard_integrity",
+                                                        "evaluation_report_beats_untrained",
+                                                        "evaluation_report_finetuned_beats_baselines"}
 
     def job_assets(name: str) -> set[str]:
         return {k.to_user_string() for k in loaded.resolve_job_def(name).asset_layer.executable_asset_keys}
@@ -47,7 +50,8 @@ def test_definitions_load():
     data = {"raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents", "captioner",
             "recaptions", "deduplicated_documents", "decontaminated_documents", "tokenizer", "packed_sequences"}
     assert job_assets("sample_world_data") == data
-    assert job_assets("sample_world_main") == data | {"checkpoint", "evaluation_report"}
+    assert job_assets("sample_world_main") == data | {"checkpoint", "instruction_sequences", "finetuned_checkpoint",
+                                                      "evaluation_report"}
     assert job_assets("mmfs_ablation") == {"ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
     assert loaded.resolve_job_def("mmfs_ablation").partitions_def.get_partition_keys() == [
         "32_tokens_mmfs", "32_tokens_no_mmfs", "256_tokens_no_mmfs"]
@@ -66,6 +70,7 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
                          check=True).stdout
     assert "sample_world" not in out and "evaluation_report" not in out
     assert "packed_sequences" in out and "recaptions" in out and "checkpoint" in out
+    assert "instruction_sequences" in out and "finetuned_checkpoint" in out  # real users fine-tune on LLaVA-style files
     env["WEFT_PRESET"] = "nonsense"
     failed = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert failed.returncode != 0 and "WEFT_PRESET must be" in failed.stderr
@@ -74,7 +79,7 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
 @pytest.mark.parametrize("preset", ["sample_world", "real_data"])
 def test_run_config_presets_validate_against_the_jobs(preset):
     ops = ("downloaded_images", "filtered_documents", "recaptions", "deduplicated_documents", "decontaminated_documents",
-           "packed_sequences", "checkpoint")
+           "packed_sequences", "checkpoint", "instruction_sequences", "finetuned_checkpoint")
     if preset == "sample_world":
         ops += ("evaluation_report",)
     config = preset_run_config(preset, ops)

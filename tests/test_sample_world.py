@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ from PIL import Image
 
 from pipelines.data.errors import BadRecordLog, reraise
 from pipelines.data.readers import read_source
+from pipelines.evaluation.sample_world_tasks import label_map_image as eval_label_map
 from pipelines.sample_world.formats import write_metadata
+from pipelines.sample_world.instructions import InstructionConfig
 from pipelines.sample_world.parse import parse_image
-from pipelines.sample_world.scenes import COLOURS, Scene, random_scene, render, render_segmentation
+from pipelines.sample_world.scenes import COLOURS, Scene, encode, random_scene, render, render_segmentation
 from pipelines.sample_world.world import WorldConfig, caption, generate_world
 
 BASE = "http://127.0.0.1:8123"
@@ -152,3 +155,25 @@ def test_config_is_checked():
 def test_readers_accept_plain_jsonl_world(tmp_path):
     written = write_metadata(generate_world(SMALL), tmp_path, BASE, mmc4_zipped=False)
     assert sum(1 for p in written["mmc4"] for _ in read_source(p, reraise)) == 12
+
+
+def test_instruction_data_is_deterministic_and_drawn_as_the_eval_prompts(tmp_path):
+    world = generate_world(WorldConfig(seed=3, n_pairs=8, n_stories=2, n_eval=2))
+    a = write_metadata(world, tmp_path / "a", BASE, instructions=InstructionConfig())["instructions"][0]
+    b = write_metadata(world, tmp_path / "b", BASE, instructions=InstructionConfig())["instructions"][0]
+    assert a == tmp_path / "a" / "instructions" / "instructions.json"
+    assert digest_tree(a.parent) == digest_tree(b.parent)
+    items = json.loads(a.read_text())
+    scenes = world.scenes()
+    assert {Path(i["image"][-1]).stem for i in items} == set(scenes)  # every training image
+    for image_id, scene in scenes.items():
+        assert (a.parent / "images" / f"{image_id}.jpg").read_bytes() == encode(render(scene, 64), "jpeg")
+        label_map = Image.open(a.parent / "labels" / f"{image_id}.png")
+        assert np.array_equal(np.asarray(label_map.convert("RGB")), np.asarray(eval_label_map(scene, 64)))
+    per_image = len(items) / len(scenes)
+    assert 1 + 1 + 1 < per_image <= 4 + 1 + 1 + 1  # vqa (up to 4), captioning, grounding, seg-to-image
+    fewer = write_metadata(world, tmp_path / "c", BASE, instructions=InstructionConfig(
+        instruction_kinds=("captioning",)))["instructions"][0]
+    assert len(json.loads(fewer.read_text())) == len(scenes) and not any((fewer.parent / "labels").iterdir())
+    with pytest.raises(ValueError, match="unknown instruction kinds"):
+        InstructionConfig(instruction_kinds=("vqa", "poetry"))

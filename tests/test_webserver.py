@@ -98,9 +98,9 @@ def test_webserver_serves_the_asset_graph_checks_schedule_and_sensor(webserver):
     assets = {"/".join(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
     assert set(assets) == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
                            "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
-                           "decontaminated_documents", "tokenizer", "packed_sequences",
-                           "checkpoint", "evaluation_report", "ablation_sequences", "ablation_checkpoints",
-                           "mmfs_ablation_report"}
+                           "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint",
+                           "instruction_sequences", "finetuned_checkpoint", "evaluation_report", "ablation_sequences",
+                           "ablation_checkpoints", "mmfs_ablation_report"}
     assert assets["downloaded_images"]["isPartitioned"] and not assets["packed_sequences"]["isPartitioned"]
     assert assets["recaptions"]["isPartitioned"] and not assets["captioner"]["isPartitioned"]
     assert assets["ablation_checkpoints"]["isPartitioned"] and not assets["mmfs_ablation_report"]["isPartitioned"]
@@ -111,7 +111,8 @@ def test_webserver_serves_the_asset_graph_checks_schedule_and_sensor(webserver):
         "downloaded_images_success_rate": False, "filtered_documents_pass_rate": False,
         "deduplicated_documents_rate": False,
         "packed_sequences_shard_integrity": True, "packed_sequences_max_tokens": False,
-        "evaluation_report_beats_untrained": False,
+        "instruction_sequences_shard_integrity": True, "evaluation_report_beats_untrained": False,
+        "evaluation_report_finetuned_beats_baselines": False,
     }
     assert {"sample_world_main", "sample_world_data", "mmfs_ablation", "refilter", "ingest"} <= {j["name"] for j in repo["jobs"]}
     assert repo["schedules"] == [{"name": "weekly_refilter", "cronSchedule": "0 3 * * 1"}]

@@ -6,7 +6,7 @@ A document is a plain dict (picklable, cheap) that matches :data:`DOCUMENT_SCHEM
     {
       "doc_id": "mmc4:docs_shard_0_v2:17",   # source:shard:row, unique and stable across re-runs
       "source": "mmc4",                       # mmc4 | laion | cc12m | obelics | omnicorpus | mint1t | sample_world
-      "kind": "interleaved",                  # interleaved | pair
+      "kind": "interleaved",                  # interleaved | pair | instruction
       "source_file": "docs_shard_0_v2.jsonl.zip",
       "source_row": 17,                       # 1-based line (text formats) or 0-based row (parquet)
       "page_url": "https://...",              # MMC4's document url; None for pairs
@@ -25,6 +25,11 @@ MMC4 documents place every image immediately before the sentence it is matched t
 the same sentence keep their source order); web documents given as parallel lists (OBELICS,
 OmniCorpus, MINT-1T) keep the source's order, each image matched to the text after it. Pairs are
 ``[image, text(caption)]``.
+
+Instruction documents (supervised fine-tuning data, :mod:`pipelines.data.instructions`) keep their
+elements in conversation order and give each a ``"role"``: :data:`INSTRUCTION_ROLE` (a human turn: context,
+not trained) or :data:`ANSWER_ROLE` (a gpt turn: trained). They are read from their JSON files straight
+into the packer; ``role`` is not a column of :data:`ELEMENT_TYPE`.
 """
 
 from __future__ import annotations
@@ -69,7 +74,9 @@ DOCUMENT_SCHEMA = pa.schema(
     ]
 )
 
-KINDS = ("interleaved", "pair")
+KINDS = ("interleaved", "pair", "instruction")
+INSTRUCTION_ROLE, ANSWER_ROLE = "instruction", "answer"
+"""An instruction document's element roles: not trained (the prompt) / trained (the answer)."""
 IMAGE_STATUS_OK = "ok"
 
 

@@ -9,10 +9,14 @@ Stages (:func:`sequence_dataset`), in webdataset's order:
    disjoint shards;
 3. tar → samples, a sample shuffle buffer, then decode (shuffling before decode keeps the buffer
    small: encoded bytes, not tensors);
-4. per sample: ``input_ids``, ``cu_seqlens``, its JSON and the images as ``(3, H, W)`` tensors.
+4. per sample: ``input_ids``, ``cu_seqlens``, its JSON and the images as ``(3, H, W)`` tensors, plus
+   ``loss_mask`` (bool) and ``image_trained`` when the sequence has them (instruction data).
 
 :func:`collate_sequences` pads a list of those into :class:`model.batch.InterleavedBatch`
-(``document_ids`` from ``cu_seqlens``, ``-1`` on padding; images in row-major ``<BoI>`` order).
+(``document_ids`` from ``cu_seqlens``, ``-1`` on padding; images in row-major ``<BoI>`` order). When a
+sample has a loss mask, the batch gets ``labels`` (``input_ids`` with :data:`NOT_TRAINED` where the mask is
+0 and on padding) and ``image_loss_mask`` (the images' ``image_trained``); samples without one count as
+trained everywhere. A batch of pretraining sequences has neither: the model's defaults apply.
 Rank and world size come from ``torch.distributed`` or the ``RANK``/``WORLD_SIZE`` environment,
 as webdataset reads them.
 """
@@ -33,17 +37,20 @@ from PIL import Image
 
 from model.batch import InterleavedBatch, image_to_tensor
 
+NOT_TRAINED = -100
+"""``InterleavedBatch.labels`` value of a token that is not a target (the model's ``IGNORE_INDEX``)."""
+
 
 def _decode_sample(sample: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
     info = sample["json"]
     if isinstance(info, (bytes, bytearray)):
         info = json.loads(info)
-    ext = info.get("image_ext", "jpg")
+    extensions = info.get("image_exts") or [info.get("image_ext", "jpg")] * info["num_images"]
     images = []
-    for i in range(info["num_images"]):
+    for i, ext in enumerate(extensions):
         data = sample[f"{i:03d}.{ext}"]
         images.append(image_to_tensor(Image.open(io.BytesIO(data)), image_size))
-    return {
+    decoded = {
         "__key__": sample["__key__"],
         "__url__": sample.get("__url__"),
         "input_ids": torch.from_numpy(np.load(io.BytesIO(sample["input_ids.npy"])).astype(np.int64)),
@@ -51,6 +58,10 @@ def _decode_sample(sample: dict[str, Any], image_size: tuple[int, int]) -> dict[
         "info": info,
         "images": images,
     }
+    if "loss_mask.npy" in sample:
+        decoded["loss_mask"] = torch.from_numpy(np.load(io.BytesIO(sample["loss_mask.npy"])).astype(np.bool_))
+        decoded["image_trained"] = torch.tensor(info["image_trained"], dtype=torch.bool)
+    return decoded
 
 
 def sequence_dataset(
@@ -114,7 +125,17 @@ def collate_sequences(samples: Sequence[dict[str, Any]], *, pad_token_id: int, p
     else:
         h, w = image_size if image_size is not None else (1, 1)
         stacked = torch.zeros((0, 3, h, w))
-    return InterleavedBatch(input_ids=input_ids, document_ids=document_ids, images=stacked)
+    if not any("loss_mask" in s for s in samples):
+        return InterleavedBatch(input_ids=input_ids, document_ids=document_ids, images=stacked)
+    labels = torch.full_like(input_ids, NOT_TRAINED)
+    trained_images = []
+    for row, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        mask = sample.get("loss_mask")
+        labels[row, : ids.shape[0]] = ids if mask is None else ids.masked_fill(~mask, NOT_TRAINED)
+        trained_images.append(sample.get("image_trained", torch.ones(len(sample["images"]), dtype=torch.bool)))
+    return InterleavedBatch(input_ids=input_ids, document_ids=document_ids, images=stacked, labels=labels,
+                            image_loss_mask=torch.cat(trained_images))
 
 
 def make_loader(

@@ -25,6 +25,19 @@ Each sequence stores its token ids, the images' encoded bytes (one per ``<BoI>``
 its document boundaries as ``cu_seqlens`` (0, end of part 1, ..., length) with the document id
 and part number of each segment, which is what :mod:`pipelines.data.loader` turns into the model's
 ``document_ids``.
+
+Instruction documents (``kind == "instruction"``, supervised fine-tuning data read by
+:mod:`pipelines.data.instructions`) say which tokens are trained. Their elements stay in conversation
+order (no random image placement, no lowercasing); a text that follows a text goes after one space,
+so ``[image, "What colour is the triangle?", "red"]`` packs as ``<s> [image] What colour is the
+triangle? red </s>``, the tokens generation sees when it answers the evaluation's ``[image, question]``
+prompt. Each element's role gives its loss: an answer's text tokens, the ``<BoI>`` of an answer's image
+and the document's ``</s>`` are trained (the model learns to answer, to draw and to stop); ``<s>``, the
+instruction's tokens and every image placeholder are not. An answer's image gets the diffusion loss, an
+instruction's image does not. Such a document may be split only between rounds (before an instruction
+that follows an answer), so an answer stays in one part with its question. A sequence holding one stores
+a per-token ``loss_mask`` and per-image ``image_trained`` flags (other documents in it: all trained, the
+model's defaults); a sequence without one stores neither, so pretraining shards are unchanged.
 """
 
 from __future__ import annotations
@@ -41,12 +54,16 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.documents import IMAGE_STATUS_OK
+from pipelines.data.documents import ANSWER_ROLE, IMAGE_STATUS_OK
 from pipelines.data.errors import BadRecord, Handler, warn_and_continue
 from pipelines.data.tokenizer import TINY_BOI_TOKEN, TINY_IMAGE_TOKEN, TextEncoder, TokenIds, token_ids
 
 _INT32 = "i"
 """``array`` typecode of the token ids (C int: 4 bytes on every platform weft runs on, checked here)."""
+_UINT8 = "B"
+"""``array`` typecode of the loss masks."""
+INSTRUCTION = "instruction"
+"""The document kind whose elements carry roles (see the module docstring)."""
 if array(_INT32).itemsize != 4:
     raise ImportError(f"pipelines.data.packing needs a 4-byte C int for array({_INT32!r})")
 
@@ -101,7 +118,10 @@ class TokenizedDocument:
         image_starts: position of each ``<BoI>`` in ``tokens``.
         breaks: sorted positions where a part may start/end (sentence-unit boundaries), with 0 and
             ``len(tokens)``.
-        kind: ``interleaved`` or ``pair``.
+        kind: ``interleaved``, ``pair`` or ``instruction``.
+        loss_mask: instruction documents: ``array("B")`` aligned with ``tokens``, 1 where the token is a
+            trained target; None: every token is (the model's defaults).
+        image_trained: instruction documents: per image, whether it gets the diffusion loss.
     """
 
     doc_id: str
@@ -110,6 +130,8 @@ class TokenizedDocument:
     image_starts: list[int]
     breaks: list[int]
     kind: str = "interleaved"
+    loss_mask: array | None = None
+    image_trained: list[bool] | None = None
 
 
 @dataclass
@@ -123,7 +145,10 @@ class PackedSequence:
         parts: ``D`` part numbers (0 for a document's first part).
         offsets: ``D`` positions of each segment's first token in its document's token stream.
         images: encoded bytes, one per ``<BoI>`` in row order.
-        kinds: ``D`` document kinds (``interleaved`` | ``pair``).
+        kinds: ``D`` document kinds (``interleaved`` | ``pair`` | ``instruction``).
+        loss_mask: ``(T,)`` uint8, 1 where the token is a trained target; only in a sequence holding an
+            instruction document (None: every token is).
+        image_trained: per image, whether it gets the diffusion loss; set with ``loss_mask``.
     """
 
     input_ids: np.ndarray
@@ -133,24 +158,35 @@ class PackedSequence:
     offsets: list[int]
     images: list[bytes]
     kinds: list[str]
+    loss_mask: np.ndarray | None = None
+    image_trained: list[bool] | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def to_sample(self, key: str, image_ext: str = "jpg") -> dict[str, Any]:
+    def to_sample(self, key: str, image_ext: str | Sequence[str] = "jpg") -> dict[str, Any]:
         """A WebDataset sample: ``KEY.input_ids.npy``, ``KEY.cu_seqlens.npy``, ``KEY.json`` and
-        ``KEY.NNN.<image_ext>`` per image (raw bytes, decoded by extension on read)."""
+        ``KEY.NNN.<image_ext>`` per image (raw bytes, decoded by extension on read). ``image_ext`` is one
+        extension for every image or one per image (JSON ``image_exts``). A sequence with a loss mask adds
+        ``KEY.loss_mask.npy`` and the JSON's ``image_trained``."""
         if "." in key:
             raise ValueError(f"WebDataset keys may not contain dots: {key!r}")
-        sample: dict[str, Any] = {
-            "__key__": key,
-            "input_ids.npy": self.input_ids,
-            "cu_seqlens.npy": self.cu_seqlens,
-            "json": {"doc_ids": self.doc_ids, "parts": self.parts, "offsets": self.offsets, "kinds": self.kinds,
-                     "num_images": len(self.images), "image_ext": image_ext},
-        }
-        for i, data in enumerate(self.images):
-            sample[f"{i:03d}.{image_ext}"] = data
+        info: dict[str, Any] = {"doc_ids": self.doc_ids, "parts": self.parts, "offsets": self.offsets,
+                                "kinds": self.kinds, "num_images": len(self.images)}
+        if isinstance(image_ext, str):
+            info["image_ext"] = image_ext
+            extensions = [image_ext] * len(self.images)
+        else:
+            extensions = info["image_exts"] = list(image_ext)
+            if len(extensions) != len(self.images):
+                raise ValueError(f"{len(extensions)} image extensions for {len(self.images)} images")
+        sample: dict[str, Any] = {"__key__": key, "input_ids.npy": self.input_ids, "cu_seqlens.npy": self.cu_seqlens,
+                                  "json": info}
+        if self.loss_mask is not None:
+            sample["loss_mask.npy"] = self.loss_mask
+            info["image_trained"] = self.image_trained
+        for i, (data, ext) in enumerate(zip(self.images, extensions)):
+            sample[f"{i:03d}.{ext}"] = data
         return sample
 
 
@@ -256,6 +292,50 @@ def _layout(document: dict[str, Any], config: PackingConfig, images: Mapping[str
     return units
 
 
+@dataclass
+class _InstructionPlan:
+    """An instruction document's units (one per text or image) with what the packer needs beyond the text."""
+
+    units: list[Unit]
+    trained: list[bool]
+    """Per unit: an answer's (trained) or an instruction's."""
+    round_starts: list[int]
+    """Units that start a new round (an instruction after an answer): where the document may be split."""
+
+
+def _instruction_plan(document: dict[str, Any], images: Mapping[str, bytes], stats: PackingStats,
+                      handler: Handler) -> _InstructionPlan | None:
+    """The document's elements in order, one unit each, a text after a text with one space before it; None (and
+    the reason to ``handler``) when an image has no bytes or nothing is trained."""
+    doc_id = document["doc_id"]
+    plan = _InstructionPlan([], [], [])
+    after_text = False
+    for index, element in enumerate(document["elements"]):
+        answer = element.get("role") == ANSWER_ROLE
+        if element["type"] == "text":
+            text = element["text"] or ""
+            if not text:
+                continue
+            unit: Unit = (_NO_IMAGES, f" {text}" if after_text else text, _NO_IMAGES)
+        else:
+            data = _image_bytes(element, images)
+            if data is None:
+                stats.images_missing += 1
+                handler(BadRecord(doc_id, index, f"image not available (key={element.get('key')}): the instruction "
+                                                 "document is skipped, its images' places would be lost"))
+                return None
+            unit = ((data,), "", _NO_IMAGES)
+        if plan.trained and plan.trained[-1] and not answer:
+            plan.round_starts.append(len(plan.units))
+        plan.units.append(unit)
+        plan.trained.append(answer)
+        after_text = element["type"] == "text"
+    if not any(plan.trained):
+        handler(BadRecord(doc_id, -1, "instruction document has no answer to train on"))
+        return None
+    return plan
+
+
 def tokenize_documents(
     documents: Iterable[dict[str, Any]],
     tokenizer,
@@ -278,14 +358,20 @@ def tokenize_documents(
     ids = ids or token_ids(tokenizer, boi_token=boi_token, image_token=image_token)
     stats = stats if stats is not None else PackingStats()
     encoder = TextEncoder(tokenizer.backend_tokenizer, ids.eos)
-    batch: list[tuple[dict[str, Any], list[Unit]]] = []
+    batch: list[tuple[dict[str, Any], list[Unit], _InstructionPlan | None]] = []
     for document in documents:
-        units = _layout(document, config, images, recaptions, stats, handler)
+        plan = None
+        if document["kind"] == INSTRUCTION:
+            plan = _instruction_plan(document, images, stats, handler)
+            units = None if plan is None else plan.units
+        else:
+            units = _layout(document, config, images, recaptions, stats, handler)
+            if units is None:
+                handler(BadRecord(document["doc_id"], -1, "document has neither text nor available images"))
         if units is None:
             stats.documents_skipped += 1
-            handler(BadRecord(document["doc_id"], -1, "document has neither text nor available images"))
             continue
-        batch.append((document, units))
+        batch.append((document, units, plan))
         if len(batch) >= config.tokenize_batch_documents:
             yield from _tokenize_batch(batch, encoder, config, ids, stats)
             batch = []
@@ -293,13 +379,13 @@ def tokenize_documents(
         yield from _tokenize_batch(batch, encoder, config, ids, stats)
 
 
-def _tokenize_batch(batch: list[tuple[dict[str, Any], list[Unit]]], encoder: TextEncoder, config: PackingConfig,
-                    ids: TokenIds, stats: PackingStats) -> Iterator[TokenizedDocument]:
-    encoded = iter(encoder([text for _, units in batch for _, text, _ in units if text]))
+def _tokenize_batch(batch: list[tuple[dict[str, Any], list[Unit], _InstructionPlan | None]], encoder: TextEncoder,
+                    config: PackingConfig, ids: TokenIds, stats: PackingStats) -> Iterator[TokenizedDocument]:
+    encoded = iter(encoder([text for _, units, _ in batch for _, text, _ in units if text]))
     image_block = array(_INT32, [ids.boi] + [ids.image] * config.num_image_tokens)
     first = array(_INT32, [ids.bos])
     eos, block = ids.eos, len(image_block)
-    for document, units in batch:
+    for document, units, plan in batch:
         tokens = first[:]
         pictures: list[bytes] = []
         starts: list[int] = []
@@ -322,7 +408,29 @@ def _tokenize_batch(batch: list[tuple[dict[str, Any], list[Unit]]], encoder: Tex
         stats.image_tokens += block * len(pictures)
         stats.images += len(pictures)
         stats.documents += 1
-        yield TokenizedDocument(document["doc_id"], tokens, pictures, starts, breaks, document["kind"])
+        if plan is None:
+            yield TokenizedDocument(document["doc_id"], tokens, pictures, starts, breaks, document["kind"])
+        else:
+            yield _with_loss_mask(TokenizedDocument(document["doc_id"], tokens, pictures, starts, breaks,
+                                                    document["kind"]), plan, block)
+
+
+def _with_loss_mask(doc: TokenizedDocument, plan: _InstructionPlan, block: int) -> TokenizedDocument:
+    """An instruction document's loss mask and image flags from its units' spans (``doc.breaks``: one break after
+    each unit, the last unit's span holding ``</s>``), and its breaks cut down to the round starts."""
+    spans = doc.breaks
+    mask = array(_UINT8, bytes(len(doc.tokens)))
+    for unit, trained in enumerate(plan.trained):
+        if trained:
+            mask[spans[unit]: spans[unit + 1]] = array(_UINT8, b"\x01" * (spans[unit + 1] - spans[unit]))
+    mask[0] = 0  # <s> is never a target
+    placeholders = array(_UINT8, bytes(block - 1))
+    for start in doc.image_starts:
+        mask[start + 1: start + block] = placeholders
+    doc.loss_mask = mask
+    doc.image_trained = [trained for (before, _, _), trained in zip(plan.units, plan.trained) if before]
+    doc.breaks = [0, *(spans[unit] for unit in plan.round_starts), len(doc.tokens)]
+    return doc
 
 
 # 2. pack ----------------------------------------------------------------------------------------
@@ -335,8 +443,11 @@ class _Builder:
         self.offsets: list[int] = []
         self.images: list[bytes] = []
         self.kinds: list[str] = []
+        self.loss_mask: array | None = None
+        self.image_trained: list[bool] | None = None
 
     def add(self, doc: TokenizedDocument, start: int, end: int, part: int) -> None:
+        images_before = len(self.images)
         if start == 0 and end == len(doc.tokens):
             self.tokens += doc.tokens
             self.images += doc.images
@@ -350,10 +461,28 @@ class _Builder:
         self.parts.append(part)
         self.offsets.append(start)
         self.kinds.append(doc.kind)
+        if doc.loss_mask is not None or self.loss_mask is not None:
+            self._add_masks(doc, start, end, images_before)
+
+    def _add_masks(self, doc: TokenizedDocument, start: int, end: int, images_before: int) -> None:
+        """Extend the loss mask and image flags by the part just added (a document without them: all trained;
+        the first document with them also fills them in for the documents before it)."""
+        added_images = len(self.images) - images_before
+        if self.loss_mask is None:
+            self.loss_mask = array(_UINT8, b"\x01" * (len(self.tokens) - (end - start)))
+            self.image_trained = [True] * images_before
+        if doc.loss_mask is None or doc.image_trained is None:
+            self.loss_mask += array(_UINT8, b"\x01" * (end - start))
+            self.image_trained += [True] * added_images
+            return
+        self.loss_mask += doc.loss_mask[start:end]
+        first = bisect.bisect_left(doc.image_starts, start)
+        self.image_trained += doc.image_trained[first: first + added_images]
 
     def build(self) -> PackedSequence:
+        mask = None if self.loss_mask is None else np.frombuffer(self.loss_mask, dtype=np.uint8)
         return PackedSequence(np.frombuffer(self.tokens, dtype=np.int32), np.asarray(self.cu, dtype=np.int32),
-                              self.doc_ids, self.parts, self.offsets, self.images, self.kinds)
+                              self.doc_ids, self.parts, self.offsets, self.images, self.kinds, mask, self.image_trained)
 
 
 def _forced_cut(doc: TokenizedDocument, start: int, limit: int, block: int) -> int:

@@ -1,6 +1,7 @@
-"""The evaluation_report stage: the sample world's benchmarks on a checkpoint and on its untrained step-0 twin, side
-by side, with the CLIP score of generated images, the loss curve, example grids and the lineage (shards, filter
-thresholds, what dedup and decontamination removed from the training data and why, model config, commit)."""
+"""The evaluation_report stage: the sample world's benchmarks on a checkpoint, on its fine-tuned successor and on its
+untrained step-0 twin, side by side, with the CLIP score of generated images, the loss curves, example grids and
+the lineage (shards, filter thresholds, what dedup and decontamination removed from the training data and why,
+instruction shards, model config, commit)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,19 @@ from pipelines.evaluation.run import EvaluationConfig, EvaluationResult, evaluat
 from pipelines.files import fingerprint
 from pipelines.sample_world.publish import PublishedWorld
 from pipelines.training.checkpoint import Checkpoint
+from pipelines.training.finetune import FinetunedCheckpoint
 
 logger = logging.getLogger(__name__)
 
-TRAINED, UNTRAINED = "trained", "untrained (step 0)"
+TRAINED, FINETUNED, UNTRAINED = "trained", "finetuned", "untrained (step 0)"
 BASELINE_METRICS = (("captioning", "cider"), ("text_to_image", "strict_accuracy"),
                     ("story_continuation", "strict_accuracy"))
 """The ``(task, metric)`` scores a trained checkpoint must beat its untrained twin on, outside both intervals.
 Images are compared on strict accuracy: an untrained decoder's noise parses as a blob in every cell, which gets
 every target position right (plain attribute accuracy ~0.45 for noise)."""
+FINETUNED_METRICS = (("vqa", "accuracy"),)
+"""The ``(task, metric)`` scores the fine-tuned checkpoint must beat both the pretrained checkpoint and the untrained
+twin on, outside the intervals: what instruction data teaches and pretraining does not."""
 
 Scores = dict[str, dict[str, Estimate]]
 """``{task: {metric: mean with its 95% interval}}`` of one evaluated model."""
@@ -42,7 +47,7 @@ class EvaluationReport:
     report: str
     """``report.md``."""
     scores: dict[str, Scores]
-    """Per compared model (:data:`TRAINED`, :data:`UNTRAINED`): its scores."""
+    """Per compared model (:data:`TRAINED`, :data:`FINETUNED`, :data:`UNTRAINED`): its scores."""
     checkpoint: str
     step: int
     clip_scorer: str
@@ -90,14 +95,32 @@ def removed_from_training(shards_path: str) -> dict[str, Any]:
     return rows
 
 
-def report_against_baseline(checkpoint: Checkpoint, world: PublishedWorld, scorer: ClipScorerManifest,
-                            config: EvaluationConfig, out_root: Path, compute: Compute = Compute(),
-                            log: Callable[[str], None] = logger.info) -> EvaluationReport:
-    """Evaluate the checkpoint and its untrained twin on ``world``'s eval splits and write the report into
-    ``out_root/<fingerprint of the inputs>/``."""
+def finetuned_comparison(report: EvaluationReport) -> dict[str, tuple[Estimate, Estimate, Estimate]]:
+    """``"task/metric" -> (finetuned, trained, untrained)`` for the :data:`FINETUNED_METRICS` the report has."""
+    finetuned, trained, untrained = report.scores[FINETUNED], report.scores[TRAINED], report.scores[UNTRAINED]
+    return {f"{task}/{metric}": (finetuned[task][metric], trained[task][metric], untrained[task][metric])
+            for task, metric in FINETUNED_METRICS if task in finetuned}
+
+
+def finetuning_helps(report: EvaluationReport) -> bool:
+    """Whether the fine-tuned checkpoint's interval lies above both the pretrained checkpoint's and the untrained
+    twin's on every compared metric (and there is one)."""
+    triples = finetuned_comparison(report)
+    return bool(triples) and all(f.above(t) and f.above(u) for f, t, u in triples.values())
+
+
+def report_against_baseline(checkpoint: Checkpoint, finetuned: FinetunedCheckpoint, world: PublishedWorld,
+                            scorer: ClipScorerManifest, config: EvaluationConfig, out_root: Path,
+                            compute: Compute = Compute(), log: Callable[[str], None] = logger.info) -> EvaluationReport:
+    """Evaluate the checkpoint, its fine-tuned successor and its untrained twin on ``world``'s eval splits and write
+    the report into ``out_root/<fingerprint of the inputs>/``."""
+    if finetuned.pretrained.checkpoint != checkpoint.checkpoint:
+        raise ValueError(f"the fine-tuned checkpoint {finetuned.checkpoint} started from {finetuned.pretrained.checkpoint}, "
+                         f"not from {checkpoint.checkpoint}: materialize finetuned_checkpoint again")
     loaded = scorer.load(compute)
     results: dict[str, EvaluationResult] = {}
-    for label, model_dir in ((TRAINED, checkpoint.model_dir), (UNTRAINED, checkpoint.untrained_model_dir)):
+    for label, model_dir in ((TRAINED, checkpoint.model_dir), (FINETUNED, finetuned.model_dir),
+                             (UNTRAINED, checkpoint.untrained_model_dir)):
         log(f"evaluating {label}: {model_dir}")
         results[label] = evaluate_checkpoint(model_dir, world.eval_dir, config, world=world.world, clip_scorer=loaded,
                                              compute=compute)
@@ -112,13 +135,19 @@ def report_against_baseline(checkpoint: Checkpoint, world: PublishedWorld, score
         **removed_from_training(checkpoint.shards.path),
         "packing": dataclasses.asdict(checkpoint.packing),
         "model config hash": checkpoint.model_config_hash,
+        "finetuned checkpoint": finetuned.checkpoint,
+        "finetuned step": finetuned.step,
+        "instruction shards": finetuned.shards.path,
+        "instruction shards data version": finetuned.shards.data_version,
         "git commit": checkpoint.git_commit,
         "clip scorer": f"{scorer.kind} ({scorer.location})",
         "eval split": world.eval_dir,
     }
-    out = out_root / fingerprint(checkpoint.version, dataclasses.asdict(config), scorer.version)
-    write_report(out, results, training={TRAINED: checkpoint.metrics()}, lineage=lineage,
-                 title=f"MM-Interleaved evaluation: step {checkpoint.step} vs untrained", examples_of=[TRAINED])
+    out = out_root / fingerprint(checkpoint.version, finetuned.version, dataclasses.asdict(config), scorer.version)
+    write_report(out, results, training={TRAINED: checkpoint.metrics(), FINETUNED: finetuned.metrics()},
+                 lineage=lineage, examples_of=[TRAINED, FINETUNED],
+                 title=f"MM-Interleaved evaluation: step {checkpoint.step}, fine-tuned {finetuned.step} steps, "
+                       "vs untrained")
     return EvaluationReport(str(out), str(out / "report.md"), {label: r.estimates() for label, r in results.items()},
                             checkpoint.checkpoint, checkpoint.step, scorer.kind, config,
                             sum(r.seconds for r in results.values()))

@@ -39,7 +39,7 @@ from pipelines.evaluation.intervals import Estimate, bootstrap_mean
 from pipelines.evaluation.scenes import BREAKDOWN, object_miou, scene_miou, score_scene
 from pipelines.evaluation.vqa import vqa_accuracy
 from pipelines.sample_world import Scene, parse_image
-from pipelines.sample_world.scenes import COLOURS, GLYPH_COLOUR, render_segmentation
+from pipelines.sample_world.scenes import label_map_image
 
 TASKS = ("captioning", "vqa", "text_to_image", "seg_to_image", "story_continuation")
 BOI = "<BoI>"
@@ -90,14 +90,6 @@ def read_split(eval_dir: str | Path, task: str, limit: int | None = None) -> lis
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not JSON ({error.msg})") from error
     return records
-
-
-def label_map_image(scene: Scene, size: int) -> Image.Image:
-    """The scene's segmentation map drawn in its label colours (the seg-to-image prompt)."""
-    labels = render_segmentation(scene, size)
-    palette = np.array([(0, 0, 0), *COLOURS.values()], dtype=np.uint8)
-    pixels = np.where(labels[..., None] == 255, np.array(GLYPH_COLOUR, np.uint8), palette[np.minimum(labels, len(palette) - 1)])
-    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def _parse(image: Image.Image, size: int) -> Scene:

@@ -5,6 +5,8 @@
 - CC-12M: ``cc12m-{i:05d}.tsv``, ``url<TAB>caption``, no header (as released).
 - ``ground_truth.jsonl`` (one line per image: scene, true caption, text shown, mismatch label)
   and ``eval/<split>.jsonl`` for the held-out splits.
+- With an :class:`~pipelines.sample_world.instructions.InstructionConfig`: ``instructions/``, LLaVA-style
+  instruction data on the training images (:mod:`pipelines.sample_world.instructions`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.files import atomic_path, write_text
+from pipelines.sample_world.instructions import InstructionConfig, write_instructions
 from pipelines.sample_world.world import SampleWorld, image_path
 
 
@@ -158,8 +161,10 @@ WORLD_CONFIG_FILE = "world.json"
 
 def write_metadata(world: SampleWorld, out_dir: str | os.PathLike, base_url: str, *, mmc4_zipped: bool = True,
                    docs_per_shard: int = ShardSizes.docs_per_shard,
-                   rows_per_shard: int = ShardSizes.rows_per_shard) -> dict[str, list[Path]]:
-    """Write all three source formats, the ground truth and the eval splits under ``out_dir``."""
+                   rows_per_shard: int = ShardSizes.rows_per_shard,
+                   instructions: InstructionConfig | None = None) -> dict[str, list[Path]]:
+    """Write all three source formats, the ground truth and the eval splits under ``out_dir`` (and, with
+    ``instructions``, the instruction data)."""
     base_url = base_url.rstrip("/")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,4 +184,6 @@ def write_metadata(world: SampleWorld, out_dir: str | os.PathLike, base_url: str
         written["eval"].append(path)
     # The eval prompts hold the world's images, regenerated from this config by whoever evaluates.
     write_text(out / "eval" / WORLD_CONFIG_FILE, json.dumps(dataclasses.asdict(world.config), indent=1))
+    if instructions is not None:
+        written["instructions"] = [write_instructions(world, out, instructions)]
     return written

@@ -193,6 +193,15 @@ def render_segmentation(scene: Scene, size: int = 64) -> np.ndarray:
     return labels
 
 
+def label_map_image(scene: Scene, size: int) -> Image.Image:
+    """The scene's segmentation map drawn in its label colours (the seg-to-image prompt, in evaluation and in the
+    instruction data alike)."""
+    labels = render_segmentation(scene, size)
+    palette = np.array([(0, 0, 0), *COLOURS.values()], dtype=np.uint8)
+    pixels = np.where(labels[..., None] == 255, np.array(GLYPH_COLOUR, np.uint8), palette[np.minimum(labels, len(palette) - 1)])
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
 def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     if fmt == "jpeg":

@@ -206,7 +206,9 @@ def generate_world(config: WorldConfig = WorldConfig()) -> SampleWorld:
     return world
 
 
-def _questions(scene: Scene) -> list[dict]:
+def scene_questions(scene: Scene) -> list[dict]:
+    """The questions the world can answer exactly about ``scene``: ``{"question", "answer", "type"}`` each, ``type``
+    one of count, colour, position, size, digit (the VQA split asks them; so does the instruction data)."""
     questions = [{"question": "How many shapes are there?", "answer": str(len(scene.objects)), "type": "count"}]
     for obj in scene.objects:
         if sum(o.shape == obj.shape for o in scene.objects) == 1:
@@ -235,7 +237,7 @@ def _eval_splits(world: SampleWorld) -> None:
         world.eval_scenes[scene.scene_id] = scene
         splits["captioning"].append({"image_id": scene.scene_id, "references": [caption(scene)],
                                      "scene": scene.to_dict()})
-        for q in _questions(scene):
+        for q in scene_questions(scene):
             splits["vqa"].append({"image_id": scene.scene_id, **q})
         prompt_scene = random_scene(rng, f"t{i:05d}", glyph_probability=0.0)
         splits["text_to_image"].append({"prompt": caption(prompt_scene), "scene": prompt_scene.to_dict()})
