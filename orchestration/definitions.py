@@ -76,7 +76,7 @@ DATA_CHECKS = [raw_documents_shards_readable, raw_documents_parse_rate, download
 SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, ablation_checkpoints,
                            mmfs_ablation_report]
 
-SAMPLE_WORLD = SampleWorld(n_pairs=48, n_stories=24, n_eval=8, docs_per_shard=12)
+SAMPLE_WORLD = SampleWorld(n_pairs=48, n_stories=24, docs_per_shard=12)
 """The embedded default's world: small enough that the main job runs in minutes on a laptop CPU."""
 
 
