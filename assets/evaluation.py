@@ -61,7 +61,7 @@ def _metadata(report: EvaluationReport) -> dict:
 
 @dg.asset_check(asset=evaluation_report, description=(
     "The trained checkpoint beats its untrained step-0 baseline outside both 95% intervals on captioning (CIDEr), "
-    "text-to-image and story-continuation attribute accuracy."))
+    "text-to-image and story-continuation strict accuracy."))
 def evaluation_report_beats_untrained(evaluation_report: EvaluationReport) -> dg.AssetCheckResult:
     pairs = baseline_comparison(evaluation_report)
     return dg.AssetCheckResult(passed=beats_baseline(evaluation_report), metadata={

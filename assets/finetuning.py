@@ -6,13 +6,12 @@ import dagster as dg
 from assets.metadata import bullets, table
 from assets.resources import Compute, Storage
 from assets.settings import stage_fields
-from assets.training import RUN_INPUTS
+from assets.packing import shard_integrity
+from assets.training import RUN_INPUTS, run_metadata
 from pipelines.data.instruction_sequences import InstructionSequences, pack_instructions
 from pipelines.data.instructions import InstructionSources
 from pipelines.data.packed_sequences import PackedSequences, SequenceShards
-from pipelines.data.shards import read_index, verify_shards
 from pipelines.data.tokenizer import TokenizerManifest
-from pipelines.evaluation.report import figure_markdown, plot_loss_curves
 from pipelines.training.checkpoint import Checkpoint
 from pipelines.training.finetune import FinetunedCheckpoint, finetune_checkpoint
 from pipelines.training.train import TrainConfig
@@ -57,10 +56,7 @@ def _instruction_metadata(sequences: InstructionSequences) -> dict:
 @dg.asset_check(asset=instruction_sequences, blocking=True,
                 description="Shards match their index: files, sizes, sha256 and sample counts.")
 def instruction_sequences_shard_integrity(instruction_sequences: InstructionSequences) -> dg.AssetCheckResult:
-    problems = verify_shards(instruction_sequences.path)
-    return dg.AssetCheckResult(passed=not problems, metadata={
-        "shards": len(read_index(instruction_sequences.path).shards), "samples": instruction_sequences.samples,
-        "problems": bullets(problems)})
+    return shard_integrity(instruction_sequences.path, instruction_sequences.samples)
 
 
 class FinetuningSettings(stage_fields(TrainConfig, exclude=(*RUN_INPUTS, "betas"))):
@@ -81,17 +77,8 @@ def finetuned_checkpoint(context: dg.AssetExecutionContext, config: FinetuningSe
 
 
 def _finetuned_metadata(tuned: FinetunedCheckpoint) -> dict:
-    records = tuned.metrics()
-    last = records[-1] if records else {}
     return {
-        "step": tuned.step,
-        "final_loss": last.get("loss", float("nan")),
-        "final_text_loss": last.get("text_loss", float("nan")),
-        "final_image_loss": last.get("image_loss", float("nan")),
-        "skipped_batches": tuned.skipped_batches,
-        "seconds_this_run": tuned.seconds,
-        "loss_curve": dg.MetadataValue.md(figure_markdown(plot_loss_curves({"finetuning": records}), "loss curve")
-                                          if records else "_no steps recorded_"),
+        **run_metadata(tuned, "finetuning"),
         "pretrained_checkpoint": dg.MetadataValue.path(tuned.pretrained.checkpoint),
         "instruction_shards_data_version": tuned.shards.data_version,
         "git_commit": tuned.git_commit,

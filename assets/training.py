@@ -8,6 +8,7 @@ from pipelines.data.packed_sequences import PackedSequences
 from pipelines.data.tokenizer import TokenizerManifest
 from pipelines.evaluation.report import figure_markdown, plot_loss_curves
 from pipelines.training.checkpoint import Checkpoint, ModelChoice, train_checkpoint
+from pipelines.training.finetune import FinetunedCheckpoint
 from pipelines.training.train import TrainConfig
 
 RUN_INPUTS = ("run_dir", "shards", "tokenizer", "model", "torch_threads")
@@ -32,20 +33,29 @@ def checkpoint(context: dg.AssetExecutionContext, config: TrainingSettings, stor
     return dg.Output(trained, metadata=_metadata(trained), data_version=dg.DataVersion(trained.version))
 
 
-def _metadata(trained: Checkpoint) -> dict:
-    records = trained.metrics()
+def run_metadata(run: Checkpoint | FinetunedCheckpoint, label: str) -> dict:
+    """What a training run's materialization shows of its steps: last losses, skipped batches, time, the loss
+    curve (its line named ``label``)."""
+    records = run.metrics()
     last = records[-1] if records else {}
     return {
-        "step": trained.step,
+        "step": run.step,
         "final_loss": last.get("loss", float("nan")),
         "final_text_loss": last.get("text_loss", float("nan")),
         "final_image_loss": last.get("image_loss", float("nan")),
-        "skipped_batches": trained.skipped_batches,
-        "vae_final_loss": trained.vae_losses[-1] if trained.vae_losses else "not fitted",
-        "seconds_this_run": trained.seconds,
-        "tokens_per_second": sum(r["tokens"] for r in records) / max(sum(r["seconds"] for r in records), 1e-9),
-        "loss_curve": dg.MetadataValue.md(figure_markdown(plot_loss_curves({"train": records}), "loss curve")
+        "skipped_batches": run.skipped_batches,
+        "seconds_this_run": run.seconds,
+        "loss_curve": dg.MetadataValue.md(figure_markdown(plot_loss_curves({label: records}), "loss curve")
                                           if records else "_no steps recorded_"),
+    }
+
+
+def _metadata(trained: Checkpoint) -> dict:
+    records = trained.metrics()
+    return {
+        **run_metadata(trained, "train"),
+        "vae_final_loss": trained.vae_losses[-1] if trained.vae_losses else "not fitted",
+        "tokens_per_second": sum(r["tokens"] for r in records) / max(sum(r["seconds"] for r in records), 1e-9),
         "model_config_hash": trained.model_config_hash,
         "shards_data_version": trained.shards.data_version,
         "git_commit": trained.git_commit,
