@@ -3,6 +3,7 @@
 #   make test   bootstrap .venv (idempotent) and run the default test suite
 #   make ui     the Dagster UI on http://127.0.0.1:3000 (same instance as make demo)
 #   make ablation  the MMFS ablation (paper Tab. 6(a)) on the demo's data (slow)
+#   make quality   the quality recipe: the main job's graph on a 60x larger world, training the small model (slow)
 #   make bench  the op's and the data pipeline's benchmarks
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ DAGSTER := DAGSTER_HOME=$(CURDIR)/dagster_home $(VENV)/bin/dagster
 SAMPLE_WORLD_SHARDS := {"dagster/asset_partition_range_start": "mmc4/docs_shard_0_v2.jsonl.zip", "dagster/asset_partition_range_end": "cc12m/cc12m-00000.tsv"}
 ABLATION_VARIANTS := {"dagster/asset_partition_range_start": "32_tokens_mmfs", "dagster/asset_partition_range_end": "256_tokens_no_mmfs"}
 
-.PHONY: setup demo test ui bench ablation
+.PHONY: setup demo test ui bench ablation quality
 
 setup: $(STAMP)
 
@@ -45,6 +46,16 @@ ablation: setup
 	$(DAGSTER) job execute -m orchestration.definitions -j mmfs_ablation \
 		-c orchestration/presets/ablation.yaml --tags '$(ABLATION_VARIANTS)'
 	@echo "report: $$(ls -td data/mmfs_ablation/*/ | head -1)report.md"
+
+# The quality recipe in an instance and data root of its own (dagster_home/quality, data/quality).
+QUALITY := WEFT_PRESET=sample_world_quality DAGSTER_HOME=$(CURDIR)/dagster_home/quality
+quality: setup
+	mkdir -p dagster_home/quality
+	$(QUALITY) $(PY) -m orchestration.check_config sample_world_quality orchestration/presets/sample_world_quality.yaml
+	$(QUALITY) $(VENV)/bin/dagster asset materialize -m orchestration.definitions --select sample_world
+	$(QUALITY) $(VENV)/bin/dagster job execute -m orchestration.definitions -j sample_world_quality \
+		-c orchestration/presets/sample_world_quality.yaml --tags "$$($(QUALITY) $(PY) -m orchestration.partition_range)"
+	@echo "report: $$(ls -td data/quality/evaluation_report/*/ | head -1)report.md"
 
 ui: setup
 	mkdir -p dagster_home

@@ -172,6 +172,24 @@ class DecoderConfig:
             raise ValueError(f"condition_rms must be > 0, got {self.condition_rms}")
 
 
+@dataclass(frozen=True)
+class ScratchSizes:
+    """Sizes of a model built from scratch (:meth:`MMInterleavedConfig.from_scratch`); the defaults are ``tiny``'s."""
+
+    image_size: int = 32
+    """Side in pixels of the images the ViT reads and the decoder draws."""
+    vit_width: int = 32
+    vit_layers: int = 2
+    llm_width: int = 64
+    llm_layers: int = 4
+    unet_channels: tuple[int, int] = (32, 64)
+    """The UNet's two levels; the first is also the width of the condition, the pyramid and every MMFS."""
+    vae_channels: tuple[int, ...] = (16, 32)
+    """One VAE level per entry: latents are ``image_size / 2**(len - 1)`` on a side."""
+    mmfs_base: int = 4
+    """MMFS offsets are in pixels of a ``mmfs_base``-square map (:attr:`MMFSConfig.base_spatial_shape`)."""
+
+
 @dataclass
 class MMInterleavedConfig:
     """The whole model."""
@@ -217,52 +235,69 @@ class MMInterleavedConfig:
     @classmethod
     def tiny(cls, num_visual_tokens: int = 8, vocab_size: int = 512, mmfs: bool = True) -> "MMInterleavedConfig":
         """Random-init model with a few M parameters: 32-px images, a 4-layer LLM of width 64."""
+        return cls.from_scratch(ScratchSizes(), num_visual_tokens, vocab_size, mmfs)
+
+    @classmethod
+    def small(cls, num_visual_tokens: int = 16, vocab_size: int = 512, mmfs: bool = True) -> "MMInterleavedConfig":
+        """The sample world's quality recipe: 64-px images through an 8x8 ViT grid, a 6-layer LLM of width 128, a
+        UNet of 64/128 channels on 16x16 latents (a VAE that downsamples 4x)."""
+        sizes = ScratchSizes(image_size=64, vit_width=64, vit_layers=4, llm_width=128, llm_layers=6,
+                             unet_channels=(64, 128), vae_channels=(32, 64, 64), mmfs_base=8)
+        return cls.from_scratch(sizes, num_visual_tokens, vocab_size, mmfs)
+
+    @classmethod
+    def from_scratch(cls, sizes: "ScratchSizes", num_visual_tokens: int, vocab_size: int, mmfs: bool) -> "MMInterleavedConfig":
+        """Every component built from a config dict of ``sizes`` with random initialisation (no pretrained part)."""
+        vit_head = min(sizes.vit_width // 2, 32)
         clip = {
-            "embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+            "embed_dim": sizes.vit_width,
+            "vision_cfg": {"image_size": sizes.image_size, "layers": sizes.vit_layers, "width": sizes.vit_width,
+                           "patch_size": 8, "head_width": vit_head},
             "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 16, "heads": 2, "layers": 1},
         }
         llm = {
             "model_type": "llama",
             "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 4,
+            "hidden_size": sizes.llm_width,
+            "intermediate_size": 2 * sizes.llm_width,
+            "num_hidden_layers": sizes.llm_layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 2048,
             "tie_word_embeddings": False,
         }
+        latent_scale = 2 ** (len(sizes.vae_channels) - 1)
+        cross_dim = sizes.unet_channels[0]
         unet = {
-            "sample_size": 16,
+            "sample_size": sizes.image_size // latent_scale,
             "in_channels": 4,
             "out_channels": 4,
-            "block_out_channels": [32, 64],
+            "block_out_channels": list(sizes.unet_channels),
             "layers_per_block": 1,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": 32,
-            "attention_head_dim": 2,  # diffusers reads this as the number of heads: 2 heads of 16 and 32 channels
+            "cross_attention_dim": cross_dim,
+            "attention_head_dim": 2,  # diffusers reads this as the number of heads: 2 heads, see model.condition
             "norm_num_groups": 8,
         }
         vae = {
             "in_channels": 3,
             "out_channels": 3,
             "latent_channels": 4,
-            "block_out_channels": [16, 32],
-            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "block_out_channels": list(sizes.vae_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * len(sizes.vae_channels),
+            "up_block_types": ["UpDecoderBlock2D"] * len(sizes.vae_channels),
             "layers_per_block": 1,
             "norm_num_groups": 8,
-            "sample_size": 32,
+            "sample_size": sizes.image_size,
         }
         scheduler = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
-        mmfs_small = dict(num_heads=4, num_points=2, hidden_size=32, base_spatial_shape=4, max_images=8)
+        mmfs_small = dict(num_heads=4, num_points=2, hidden_size=cross_dim, base_spatial_shape=sizes.mmfs_base, max_images=8)
         return cls(
             vision=VisionConfig(
                 clip_model=clip,
-                pyramid_channels=32,
-                resampler=ResamplerConfig(num_queries=num_visual_tokens, hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=2.0, output_init_std=1e-3),
+                pyramid_channels=cross_dim,
+                resampler=ResamplerConfig(num_queries=num_visual_tokens, hidden_size=cross_dim, num_layers=2, num_heads=2, mlp_ratio=2.0, output_init_std=1e-3),
             ),
             language=LanguageConfig(
                 llm_config=llm,

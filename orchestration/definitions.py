@@ -5,6 +5,8 @@ read from the environment at import); everything else comes from run config:
 
 - ``sample_world`` (default): the embedded sample world under ``$WEFT_DATA_ROOT`` (default ``data``), served over
   loopback HTTP, with the tiny BPE tokenizer, CLIP scorer and captioner trained on worlds of other seeds;
+- ``sample_world_quality``: the same with a world 60x larger (default root ``data/quality``), for the quality recipe
+  (job ``sample_world_quality``, ``make quality``);
 - ``real_data``: raw metadata shards in ``$WEFT_RAW_DIR`` (the sensor's watched folder, laid out as ``mmc4/``,
   ``laion/``, ``cc12m/``), outputs under ``$WEFT_DATA_ROOT``, images fetched from the web, the LLM's tokenizer from
   ``$WEFT_TOKENIZER_DIR``, CLIP ViT-L/14 weights from ``$WEFT_CLIP_CHECKPOINT``, a BLIP-2 directory from
@@ -61,10 +63,11 @@ from orchestration.jobs import (
     refilter,
     sample_world_data,
     sample_world_main,
+    sample_world_quality,
     weekly_refilter,
 )
 
-PRESETS = ("sample_world", "real_data")
+PRESETS = ("sample_world", "sample_world_quality", "real_data")
 DATA_ASSETS = [raw_documents, downloaded_images, clip_scorer, clip_scores, filtered_documents, captioner, recaptions,
                deduplicated_documents, decontaminated_documents, tokenizer, packed_sequences, checkpoint,
                instruction_sequences, finetuned_checkpoint]
@@ -78,6 +81,9 @@ SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, 
 
 SAMPLE_WORLD = SampleWorld(n_pairs=48, n_stories=24, docs_per_shard=12)
 """The embedded default's world: small enough that the main job runs in minutes on a laptop CPU."""
+
+QUALITY_WORLD = SampleWorld(n_pairs=3000, n_stories=600, n_eval=200, docs_per_shard=150, rows_per_shard=500)
+"""The quality recipe's world: thousands of pairs and stories through the same graph, 200 held-out items a task."""
 
 
 def sample_world_resources(data_root: str | dg.EnvVar = "data", world: SampleWorld = SAMPLE_WORLD) -> dict:
@@ -114,10 +120,11 @@ def real_data_resources() -> dict:
 def build_definitions(preset: str, resources: dict) -> dg.Definitions:
     if preset not in PRESETS:
         raise ValueError(f"WEFT_PRESET must be one of {PRESETS}, got {preset!r}")
-    if preset == "sample_world":
+    if preset != "real_data":
         assets = [*DATA_ASSETS, *SAMPLE_WORLD_EVALUATION]
         checks = [*DATA_CHECKS, evaluation_report_beats_untrained, evaluation_report_finetuned_beats_baselines]
-        jobs = [sample_world_data, sample_world_main, mmfs_ablation, refilter, ingest]
+        main = sample_world_main if preset == "sample_world" else sample_world_quality
+        jobs = [sample_world_data, main, mmfs_ablation, refilter, ingest]
     else:
         assets, checks, jobs = DATA_ASSETS, DATA_CHECKS, [refilter, ingest]
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=[weekly_refilter],
@@ -130,5 +137,6 @@ def defs() -> dg.Definitions:
     preset = os.environ.get("WEFT_PRESET", "sample_world")
     if preset == "real_data":
         return build_definitions(preset, real_data_resources())
-    data_root = dg.EnvVar("WEFT_DATA_ROOT") if "WEFT_DATA_ROOT" in os.environ else "data"
-    return build_definitions(preset, sample_world_resources(data_root))
+    quality = preset == "sample_world_quality"
+    data_root = dg.EnvVar("WEFT_DATA_ROOT") if "WEFT_DATA_ROOT" in os.environ else "data/quality" if quality else "data"
+    return build_definitions(preset, sample_world_resources(data_root, QUALITY_WORLD if quality else SAMPLE_WORLD))

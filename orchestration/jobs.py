@@ -37,6 +37,13 @@ sample_world_main = dg.define_asset_job(
                  "range of raw shards."),
 )
 
+sample_world_quality = dg.define_asset_job(
+    "sample_world_quality",
+    selection=sample_world_main.selection,
+    description=("The quality recipe (preset sample_world_quality, make quality): the main job's graph on a world of "
+                 "thousands of pairs and stories, training the small model (~60 min on 2 CPU cores)."),
+)
+
 mmfs_ablation = dg.define_asset_job(
     "mmfs_ablation",
     selection=dg.AssetSelection.groups("ablation"),

@@ -76,6 +76,26 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
     assert failed.returncode != 0 and "WEFT_PRESET must be" in failed.stderr
 
 
+def test_quality_preset_loads_its_larger_world_and_job_and_its_run_config_validates(tmp_path):
+    """``WEFT_PRESET=sample_world_quality`` (make quality): the same graph on a larger world with 200 held-out items a
+    task, its own job in place of the main one, and a run config that trains the ``small`` model."""
+    env = {**os.environ, "WEFT_PRESET": "sample_world_quality", "WEFT_DATA_ROOT": str(tmp_path)}
+    code = ("import dagster as dg, json, yaml; from orchestration.definitions import defs; d = defs(); "
+            "dg.Definitions.validate_loadable(d); job = d.resolve_job_def('sample_world_quality'); "
+            "config = yaml.safe_load(open('orchestration/presets/sample_world_quality.yaml')); "
+            "assert dg.validate_run_config(job, config); "
+            "world = d.resources['world']; "
+            "print(json.dumps({'jobs': sorted(j.name for j in d.resolve_all_job_defs() if not j.name.startswith('__')), "
+            "'pairs': world.n_pairs, 'stories': world.n_stories, 'eval': world.n_eval, "
+            "'preset': config['ops']['checkpoint']['config']['preset']}))")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    loaded = yaml.safe_load(out.strip().splitlines()[-1])
+    assert "sample_world_quality" in loaded["jobs"] and "sample_world_main" not in loaded["jobs"]
+    assert loaded["pairs"] >= 1000 and loaded["stories"] >= 200 and loaded["eval"] >= 200
+    assert loaded["preset"] == "small"
+
+
 @pytest.mark.parametrize("preset", ["sample_world", "real_data"])
 def test_run_config_presets_validate_against_the_jobs(preset):
     ops = ("downloaded_images", "filtered_documents", "recaptions", "deduplicated_documents", "decontaminated_documents",

@@ -60,6 +60,25 @@ def test_forward_backward_reaches_mmfs_resampler_and_unet(model):
     assert all(p.grad is None for n, p in params.items() if n.startswith(("vision.vit.", "decoder.vae.")))
 
 
+def test_small_preset_draws_64_px_from_16_px_latents_and_trains_every_new_part():
+    """The quality recipe's model: 64-px images in and out (the VAE downsamples 4x to the UNet's 16x16 latents), wider
+    than ``tiny`` everywhere, and one step reaches the visual resampler, the LLM, the condition and the UNet."""
+    torch.manual_seed(0)
+    small = MMInterleaved.from_config(MMInterleavedConfig.small(), tiny_tokenizer())
+    tiny = MMInterleaved.from_config(MMInterleavedConfig.tiny(), tiny_tokenizer())
+    assert small.image_size == (64, 64) and small.vision.image_size == (64, 64)
+    assert small.decoder.unet.config.sample_size == 16 and small.num_visual_tokens == 16
+    assert sum(p.numel() for p in small.parameters()) > 3 * sum(p.numel() for p in tiny.parameters())
+    batch = tiny_batch(small, rows=1)
+    assert batch.images.shape[-2:] == (64, 64)
+    out = small(batch)
+    out.loss.backward()
+    params = dict(small.named_parameters())
+    for name in ("vision.resampler.queries", "language.new_token_embeddings.weight",
+                 "decoder.condition.project.weight", "decoder.unet.conv_in.weight"):
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+
+
 def test_image_loss_only_for_images_with_preceding_context(model):
     batch = tiny_batch(model, rows=2)  # per row: a text-first 2-image story, then an image-first caption
     layout = model._layout(batch.input_ids, batch.document_ids)

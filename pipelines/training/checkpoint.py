@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,17 +32,23 @@ from pipelines.training.train import (
 
 logger = logging.getLogger(__name__)
 
+SCRATCH_PRESETS = ("tiny", "small")
+"""The :class:`~model.config.MMInterleavedConfig` presets built from scratch (no pretrained part)."""
+
 
 @dataclass(frozen=True)
 class ModelChoice:
     """Which model the checkpoint trains."""
 
     config_json: str = ""
-    """A model ``config.json`` (e.g. the paper preset's); empty: the ``tiny`` preset with the shards' visual tokens."""
+    """A model ``config.json`` (e.g. the paper preset's); empty: the ``preset`` with the shards' visual tokens."""
+    preset: Literal[SCRATCH_PRESETS] = "tiny"
+    """Without ``config_json``: the model built from scratch, ``tiny`` (the demo's) or ``small`` (the quality
+    recipe's; :class:`model.config.MMInterleavedConfig`)."""
     mmfs: bool = True
-    """``tiny`` preset only: MMFS in the LLM and the image decoder (off: the ablation's baseline)."""
+    """Without ``config_json``: MMFS in the LLM and the image decoder (off: the ablation's baseline)."""
     vae_steps: int = 150
-    """Models without a pretrained VAE (``tiny``): fit the random VAE to the training images for this many steps
+    """Models without a pretrained VAE (the presets): fit the random VAE to the training images for this many steps
     before training (0: keep it random, and every generated image is noise)."""
 
     def model_config(self, num_visual_tokens: int) -> MMInterleavedConfig:
@@ -50,7 +56,7 @@ class ModelChoice:
         if self.config_json:
             config = MMInterleavedConfig.load(self.config_json)
         else:
-            config = MMInterleavedConfig.tiny(num_visual_tokens=num_visual_tokens, mmfs=self.mmfs)
+            config = getattr(MMInterleavedConfig, self.preset)(num_visual_tokens=num_visual_tokens, mmfs=self.mmfs)
         if config.num_visual_tokens != num_visual_tokens:
             raise ValueError(f"{self.config_json}: the model has {config.num_visual_tokens} visual tokens, "
                              f"the shards were packed with {num_visual_tokens}")
