@@ -9,6 +9,8 @@ Presets:
 - :meth:`MMInterleavedConfig.tiny`: every component built from a config dict with random
   initialisation (a few M parameters, CPU, seconds per step). Used by the tests and the embedded
   default.
+- :meth:`MMInterleavedConfig.small`: the same built wider and at 64 px (~6M parameters, ~3x tiny's step time);
+  the sample world's quality recipe.
 - :meth:`MMInterleavedConfig.paper`: the paper's sizes (Tab. 9) with the frozen parts (CLIP ViT,
   the LLM, Stable Diffusion's UNet/VAE/scheduler) loaded from *local* paths. No code path
   downloads anything.

@@ -58,3 +58,16 @@ def test_command_line_packing(capsys):
           "--mmc4-docs", "3", "--mmc4-chars", "300", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "[sample-world]" in out and "[mmc4-length]" in out and "words-warm" in out
+
+
+def test_speed_bench_variants_train_the_same_model():
+    """The CPU speed bench's variants differ only in arithmetic: same weights, batch and noise give the same first
+    loss (threads exactly up to summation order, bf16 autocast within bf16's precision)."""
+    from pipelines.training.speed_bench import VARIANTS, run
+
+    eager = tuple(v for v in VARIANTS if not v.compiled)
+    timings = run("tiny", steps=1, rows=1, variants=eager)
+    losses = [t.first_loss for t in timings.values()]
+    assert set(timings) == {v.name for v in eager} and all(t.median > 0 for t in timings.values())
+    assert abs(losses[1] - losses[0]) < 1e-4 * abs(losses[0])
+    assert abs(losses[2] - losses[0]) < 0.05 * abs(losses[0])
