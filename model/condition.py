@@ -23,15 +23,20 @@ with a shuffled condition minus with the right one: 0.0005 after 4,000 steps); o
 through the 16-query resampler, 0.001 after 2,000; over the layer mix per token, 0.022 after 1,500
 (an oracle condition of one token per object: 0.036).
 
-Why its tokens start at an RMS of 4 (``DecoderConfig.condition_rms``), and the tiny UNet has 2 attention heads
-instead of 8: two prompts that differ in one word give conditions that differ mostly at that word's token, and a
-UNet cross-attention with near-uniform attention dilutes it among the shared tokens. With the decoder alone, two
-fixed random conditions of 10 tokens that differ in one token were still drawn as the same picture after 400
-steps at RMS 1, and told apart by 300 steps at RMS 3; differing in all 10, by 200. Through the whole model (two
-captions differing in their colour word, 300 steps), the projected LLM states at their native RMS of ~0.5 drew
-both prompts in one colour up to 450 steps (pixel difference of the two samples 2.8 / 255); at RMS ~4 the two
-were drawn in their own colours from 450-600 steps on (31-43 / 255); 2 heads of 16-32 channels in place of 8 of
-4-8 got there no later, at a third less time per step.
+Why its tokens start at an RMS of 4 (``DecoderConfig.condition_rms``): two prompts that differ in one word give
+conditions that differ mostly at that word's token, and a UNet cross-attention with near-uniform attention dilutes it
+among the shared tokens. With the decoder alone, two fixed random conditions of 10 tokens that differ in one token
+were still drawn as the same picture after 400 steps at RMS 1, and told apart by 300 steps at RMS 3; differing in
+all 10, by 200. Through the whole model (two captions differing in their colour word, 300 steps), the projected LLM
+states at their native RMS of ~0.5 drew both prompts in one colour up to 450 steps (pixel difference of the two
+samples 2.8 / 255); at RMS ~4 the two were drawn in their own colours from 450-600 steps on (31-43 / 255).
+
+Why the tiny UNet keeps diffusers' 8 attention heads (4-8 channels each): drawing a scene needs each place in the
+latent to read several words at once (its position words, and the colour, shape and size words bound to them).
+After 2,000 steps on 2,000 sample-world pairs (64 held-out prompts, attribute accuracy at guidance 1 / 3), the whole
+model drew 0.21 / 0.24 with 8 heads and 0.13 / 0.16 with 2 (loss gap with a swapped condition at t=500: 0.015 vs
+0.012); the UNet alone on word embeddings 0.32 / 0.41 vs 0.23 / 0.26. An oracle condition of one token per object,
+which needs no binding, reaches 0.71 / 0.81.
 """
 
 from __future__ import annotations

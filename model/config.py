@@ -279,7 +279,7 @@ class MMInterleavedConfig:
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
             "cross_attention_dim": cross_dim,
-            "attention_head_dim": 2,  # diffusers reads this as the number of heads: 2 heads, see model.condition
+            "attention_head_dim": 8,  # diffusers reads this as the number of heads: 8, see model.condition
             "norm_num_groups": 8,
         }
         vae = {
