@@ -4,6 +4,7 @@
 #   make ui     the Dagster UI on http://127.0.0.1:3000 (same instance as make demo)
 #   make ablation  the MMFS ablation (paper Tab. 6(a)) on the demo's data (slow)
 #   make bench  the op's and the data pipeline's benchmarks
+#   make test-scale  the slow scale-out tests (Postgres, daemon, Spark, two nodes, browser): see README "Scale out"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,11 +16,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DS_ACCELERATOR := cpu
 
 DAGSTER := DAGSTER_HOME=$(CURDIR)/dagster_home $(VENV)/bin/dagster
+# The local instance's settings (telemetry off); an existing dagster_home/dagster.yaml is left as it is.
+INSTANCE := test -e dagster_home/dagster.yaml || cp orchestration/presets/dagster.yaml dagster_home/dagster.yaml
 # The sample world's raw shards, as dynamic partitions: the whole set in one run; the ablation's variants likewise.
 SAMPLE_WORLD_SHARDS := {"dagster/asset_partition_range_start": "mmc4/docs_shard_0_v2.jsonl.zip", "dagster/asset_partition_range_end": "cc12m/cc12m-00000.tsv"}
 ABLATION_VARIANTS := {"dagster/asset_partition_range_start": "32_tokens_mmfs", "dagster/asset_partition_range_end": "256_tokens_no_mmfs"}
 
-.PHONY: setup demo test ui bench ablation
+.PHONY: setup demo test test-scale ui bench ablation
 
 setup: $(STAMP)
 
@@ -32,7 +35,7 @@ $(STAMP): pyproject.toml
 # 0. check the run config (one line per problem, naming file and key); 1. write the sample world and register its
 # shards; 2. run the data graph over them, train the checkpoint on its shards and write the evaluation report.
 demo: setup
-	mkdir -p dagster_home
+	mkdir -p dagster_home && $(INSTANCE)
 	$(PY) -m orchestration.check_config sample_world_main orchestration/presets/sample_world.yaml
 	$(DAGSTER) asset materialize -m orchestration.definitions --select sample_world
 	$(DAGSTER) job execute -m orchestration.definitions -j sample_world_main \
@@ -41,17 +44,22 @@ demo: setup
 
 # Paper Tab. 6(a) on the data of make demo: per variant packed sequences and a checkpoint, then one report.
 ablation: setup
+	mkdir -p dagster_home && $(INSTANCE)
 	$(PY) -m orchestration.check_config mmfs_ablation orchestration/presets/ablation.yaml
 	$(DAGSTER) job execute -m orchestration.definitions -j mmfs_ablation \
 		-c orchestration/presets/ablation.yaml --tags '$(ABLATION_VARIANTS)'
 	@echo "report: $$(ls -td data/mmfs_ablation/*/ | head -1)report.md"
 
 ui: setup
-	mkdir -p dagster_home
+	mkdir -p dagster_home && $(INSTANCE)
 	$(DAGSTER) dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 test: setup
 	$(PY) -m pytest
+
+# Needs PostgreSQL server binaries (Debian's postgresql; .ci/run installs what is missing).
+test-scale: setup
+	$(PY) -m pytest -m slow tests/test_scale_dagster.py
 
 bench: setup
 	$(PY) -m cuda_ops.bench

@@ -75,18 +75,27 @@ def preset_run_config(name: str, assets: tuple[str, ...]) -> dict:
     return {"ops": {k: v for k, v in ops.items() if k in assets}}
 
 
-@dg.schedule(job=refilter, cron_schedule="0 3 * * 1", default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="Weekly: re-filter every downloaded shard with the thresholds of the preset in WEFT_PRESET.")
-def weekly_refilter(context: dg.ScheduleEvaluationContext):
-    keys = context.instance.get_dynamic_partitions(source_shards.name)
-    if not keys:
-        return dg.SkipReason("no raw shards registered yet")
-    downloaded = context.instance.get_materialized_partitions(downloaded_images.key)
-    missing = [k for k in keys if k not in downloaded]
-    if missing:
-        return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
-    ops = ("filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences")
-    return dg.RunRequest(run_config=preset_run_config(preset_name(), ops), tags=partition_range_tags(keys))
+def refilter_schedule(name: str, cron_schedule: str) -> dg.ScheduleDefinition:
+    """A schedule of the ``refilter`` job at ``cron_schedule``: one run over every raw shard, once all are
+    downloaded (the project's is :data:`weekly_refilter`; a test drives a daemon with an every-minute one)."""
+
+    @dg.schedule(name=name, job=refilter, cron_schedule=cron_schedule, default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description="Re-filter every downloaded shard with the thresholds of the preset in WEFT_PRESET.")
+    def _refilter(context: dg.ScheduleEvaluationContext):
+        keys = context.instance.get_dynamic_partitions(source_shards.name)
+        if not keys:
+            return dg.SkipReason("no raw shards registered yet")
+        downloaded = context.instance.get_materialized_partitions(downloaded_images.key)
+        missing = [k for k in keys if k not in downloaded]
+        if missing:
+            return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
+        ops = ("filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences")
+        return dg.RunRequest(run_config=preset_run_config(preset_name(), ops), tags=partition_range_tags(keys))
+
+    return _refilter
+
+
+weekly_refilter = refilter_schedule("weekly_refilter", "0 3 * * 1")
 
 
 @dg.sensor(job=ingest, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,

@@ -1,0 +1,156 @@
+"""Dagster beyond one process: the cluster instance (``orchestration/presets/dagster_cluster.yaml``) on a real
+Postgres, with Dagster's default run launcher in place of the k8s one (whose config is checked against dagster-k8s's
+schema); runs made by Dagster's own CLI and daemon in their own processes, steps in the multiprocess executor.
+
+One module-scoped platform: a Postgres server, the small world's loopback image server, a ``DAGSTER_HOME`` whose
+``dagster.yaml`` is the cluster file, and the data job run on it once: the world written, its three raw shards
+ingested by three runs at once, then the data graph over them."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from assets.resources import SampleWorldImages
+from orchestration.jobs import PRESETS_DIR, partition_range_tags, preset_run_config
+from pipelines.sample_world.image_server import ImageServer
+from postgres_server import Postgres, running_postgres
+from small_platform import FAULTS, WORLD
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LOCATION = ["-f", str(ROOT / "tests" / "small_location.py")]
+CLUSTER = PRESETS_DIR / "dagster_cluster.yaml"
+DATA_OPS = ("downloaded_images", "filtered_documents", "recaptions", "deduplicated_documents",
+            "decontaminated_documents", "packed_sequences")
+SERVER_FAULTS = SampleWorldImages(world=WORLD, faults=FAULTS).get().faults
+SHARDS = ["mmc4/docs_shard_0_v2.jsonl.zip", "laion/part-00000.parquet", "cc12m/cc12m-00000.tsv"]
+
+
+def local_instance_config() -> dict:
+    """The cluster's instance config with Dagster's default run launcher (a process per run) in place of k8s."""
+    config = yaml.safe_load(CLUSTER.read_text())
+    del config["run_launcher"]
+    return config
+
+
+def test_cluster_k8s_run_launcher_config_matches_dagster_k8s_schema():
+    launcher = yaml.safe_load(CLUSTER.read_text())["run_launcher"]
+    launcher_class = getattr(importlib.import_module(launcher["module"]), launcher["class"])
+
+    @dg.op(name="run_launcher", config_schema=launcher_class.config_type())
+    def run_launcher_config():
+        """Holds the launcher's config schema, so Dagster's own config validation checks the file's values."""
+
+    @dg.job
+    def cluster_config():
+        run_launcher_config()
+
+    def validate(config: dict) -> None:
+        dg.validate_run_config(cluster_config, {"ops": {"run_launcher": {"config": config}}})
+
+    validate(launcher["config"])
+    with pytest.raises(dg.DagsterInvalidConfigError, match="job_namespaces"):  # a typo is named, not ignored
+        validate({**launcher["config"], "job_namespaces": "weft"})
+    assert local_instance_config()["telemetry"] == {"enabled": False}
+
+
+def test_local_instance_preset_loads_with_telemetry_off(tmp_path):
+    shutil.copy(PRESETS_DIR / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    assert instance.telemetry_enabled is False
+    assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+
+
+@dataclass
+class Platform:
+    postgres: Postgres
+    server: ImageServer
+    root: Path
+    env: dict
+
+    def dagster(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(BIN / "dagster"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, f"dagster {' '.join(args)}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    def runs(self, job: str) -> list[dict]:
+        """The job's runs as Postgres holds them: id, status, tags, start and end times."""
+        rows = self.postgres.query("SELECT run_id, status, run_body, start_time, end_time FROM runs "
+                                   "WHERE pipeline_name = %s ORDER BY create_timestamp", (job,))
+        return [{"id": r[0], "status": r[1], "tags": json.loads(r[2])["tags"], "start": r[3], "end": r[4]} for r in rows]
+
+    def materialized(self, run_id: str, asset: str) -> set[str | None]:
+        """Partitions of ``asset`` that run ``run_id`` materialized, from its events in Postgres."""
+        rows = self.postgres.query("SELECT partition FROM event_logs WHERE run_id = %s AND asset_key = %s AND "
+                                   "dagster_event_type = 'ASSET_MATERIALIZATION'", (run_id, json.dumps([asset])))
+        return {r[0] for r in rows}
+
+
+def _tags(tags: dict) -> str:
+    return json.dumps(tags)
+
+
+def _run_config(folder: Path, ops: tuple[str, ...]) -> str:
+    """A run-config file: the sample-world preset's config of ``ops``, steps in parallel processes."""
+    path = folder / f"run_config_{len(ops)}.yaml"
+    config = {**preset_run_config("sample_world", ops), "execution": {"config": {"multiprocess": {"max_concurrent": 3}}}}
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    home, root = tmp_path_factory.mktemp("dagster_home"), tmp_path_factory.mktemp("weft_data")
+    (home / "dagster.yaml").write_text(yaml.safe_dump(local_instance_config()))
+    with running_postgres() as postgres, ImageServer(WORLD.generate().routes(), SERVER_FAULTS) as server:
+        env = {**os.environ, **postgres.env(), "DAGSTER_HOME": str(home), "WEFT_DATA_ROOT": str(root),
+               "WEFT_IMAGE_SERVER_URL": server.base_url, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
+               "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+        p = Platform(postgres, server, root, env)
+        p.dagster("asset", "materialize", *LOCATION, "--select", "sample_world")
+        ingest = [subprocess.Popen([str(BIN / "dagster"), "job", "execute", *LOCATION, "-j", "ingest", "-c",
+                                    _run_config(home, ("downloaded_images",)), "--tags", _tags({"dagster/partition": k})], cwd=ROOT, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in SHARDS]
+        for process in ingest:
+            output = process.communicate(timeout=900)[0]
+            assert process.returncode == 0, output[-4000:]
+        p.dagster("job", "execute", *LOCATION, "-j", "sample_world_data", "-c", _run_config(home, DATA_OPS),
+                  "--tags", _tags(partition_range_tags(SHARDS)))
+        yield p
+
+
+@pytest.mark.slow
+def test_data_job_on_postgres_runs_partitions_in_parallel_and_steps_in_processes(platform):
+    ingest = platform.runs("ingest")
+    assert [r["status"] for r in ingest] == ["SUCCESS"] * 3
+    assert sorted(r["tags"]["dagster/partition"] for r in ingest) == sorted(SHARDS)
+    assert max(r["start"] for r in ingest) < min(r["end"] for r in ingest)  # the three shards' runs overlapped
+    for run in ingest:
+        assert platform.materialized(run["id"], "downloaded_images") == {run["tags"]["dagster/partition"]}
+
+    (data,) = platform.runs("sample_world_data")
+    assert data["status"] == "SUCCESS"
+    assert platform.materialized(data["id"], "filtered_documents") == set(SHARDS)
+    assert platform.materialized(data["id"], "packed_sequences") == {None}
+    steps = {}
+    for step, kind, timestamp in platform.postgres.query(
+            "SELECT step_key, dagster_event_type, timestamp FROM event_logs WHERE run_id = %s AND "
+            "dagster_event_type IN ('STEP_START', 'STEP_SUCCESS')", (data["id"],)):
+        steps.setdefault(step, {})[kind] = timestamp
+    spans = sorted((s["STEP_START"], s["STEP_SUCCESS"], k) for k, s in steps.items())
+    overlapping = [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+    assert overlapping, spans  # independent steps ran at once, in separate processes
+    engine = platform.postgres.query("SELECT event FROM event_logs WHERE run_id = %s AND dagster_event_type = "
+                                     "'ENGINE_EVENT'", (data["id"],))
+    assert any("multiprocess executor" in row[0] for row in engine)
+    assert platform.server.request_count > 0
