@@ -6,12 +6,15 @@ One module-scoped platform: a Postgres server, the small world's loopback image 
 ``dagster.yaml`` is the cluster file, and the data job run on it once: the world written, its three raw shards
 ingested by three runs at once, then the data graph over them."""
 
+import contextlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,9 @@ import yaml
 
 from assets.resources import SampleWorldImages
 from orchestration.jobs import PRESETS_DIR, partition_range_tags, preset_run_config
+from pipelines.sample_world import write_metadata
 from pipelines.sample_world.image_server import ImageServer
+from pipelines.sample_world.images import METADATA_BASE_URL
 from postgres_server import Postgres, running_postgres
 from small_platform import FAULTS, WORLD
 
@@ -32,6 +37,8 @@ CLUSTER = PRESETS_DIR / "dagster_cluster.yaml"
 DATA_OPS = ("downloaded_images", "filtered_documents", "recaptions", "deduplicated_documents",
             "decontaminated_documents", "packed_sequences")
 SERVER_FAULTS = SampleWorldImages(world=WORLD, faults=FAULTS).get().faults
+# The shards' runs run at once, each in one process; the data job's steps in parallel processes (a process each).
+IN_PROCESS, MULTIPROCESS = {"in_process": {}}, {"multiprocess": {"max_concurrent": 3}}
 SHARDS = ["mmc4/docs_shard_0_v2.jsonl.zip", "laion/part-00000.parquet", "cc12m/cc12m-00000.tsv"]
 
 
@@ -89,6 +96,18 @@ class Platform:
                                    "WHERE pipeline_name = %s ORDER BY create_timestamp", (job,))
         return [{"id": r[0], "status": r[1], "tags": json.loads(r[2])["tags"], "start": r[3], "end": r[4]} for r in rows]
 
+    def ticks(self, name: str) -> list[str]:
+        """Statuses of the finished ticks of schedule or sensor ``name``, oldest first."""
+        rows = self.postgres.query("SELECT status, tick_body FROM job_ticks WHERE status != 'STARTED' "
+                                   "ORDER BY timestamp")
+        return [status for status, body in rows if json.loads(body)["job_name"] == name]
+
+    def failures(self, run_id: str) -> str:
+        """The run's step and run failure events, for an assertion's message."""
+        rows = self.postgres.query("SELECT event FROM event_logs WHERE run_id = %s AND dagster_event_type IN "
+                                   "('STEP_FAILURE', 'RUN_FAILURE')", (run_id,))
+        return "\n".join(row[0][-2000:] for row in rows)
+
     def materialized(self, run_id: str, asset: str) -> set[str | None]:
         """Partitions of ``asset`` that run ``run_id`` materialized, from its events in Postgres."""
         rows = self.postgres.query("SELECT partition FROM event_logs WHERE run_id = %s AND asset_key = %s AND "
@@ -100,10 +119,10 @@ def _tags(tags: dict) -> str:
     return json.dumps(tags)
 
 
-def _run_config(folder: Path, ops: tuple[str, ...]) -> str:
-    """A run-config file: the sample-world preset's config of ``ops``, steps in parallel processes."""
-    path = folder / f"run_config_{len(ops)}.yaml"
-    config = {**preset_run_config("sample_world", ops), "execution": {"config": {"multiprocess": {"max_concurrent": 3}}}}
+def _run_config(folder: Path, ops: tuple[str, ...], executor: dict) -> str:
+    """A run-config file: the sample-world preset's config of ``ops`` with ``executor``."""
+    path = folder / f"run_config_{'_'.join(ops)}.yaml"
+    config = {**preset_run_config("sample_world", ops), "execution": {"config": executor}}
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
@@ -118,13 +137,15 @@ def platform(tmp_path_factory):
                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
         p = Platform(postgres, server, root, env)
         p.dagster("asset", "materialize", *LOCATION, "--select", "sample_world")
-        ingest = [subprocess.Popen([str(BIN / "dagster"), "job", "execute", *LOCATION, "-j", "ingest", "-c",
-                                    _run_config(home, ("downloaded_images",)), "--tags", _tags({"dagster/partition": k})], cwd=ROOT, env=env,
+        ingest_config = _run_config(home, ("downloaded_images",), IN_PROCESS)
+        ingest = [subprocess.Popen([str(BIN / "dagster"), "job", "execute", *LOCATION, "-j", "ingest", "-c", ingest_config,
+                                    "--tags", _tags({"dagster/partition": k})], cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in SHARDS]
         for process in ingest:
             output = process.communicate(timeout=900)[0]
             assert process.returncode == 0, output[-4000:]
-        p.dagster("job", "execute", *LOCATION, "-j", "sample_world_data", "-c", _run_config(home, DATA_OPS),
+        p.dagster("job", "execute", *LOCATION, "-j", "sample_world_data", "-c",
+                  _run_config(home, DATA_OPS, MULTIPROCESS),
                   "--tags", _tags(partition_range_tags(SHARDS)))
         yield p
 
@@ -154,3 +175,67 @@ def test_data_job_on_postgres_runs_partitions_in_parallel_and_steps_in_processes
                                      "'ENGINE_EVENT'", (data["id"],))
     assert any("multiprocess executor" in row[0] for row in engine)
     assert platform.server.request_count > 0
+
+
+@contextlib.contextmanager
+def running_daemon(env: dict, log: Path):
+    """``dagster-daemon run`` on the location, in a session of its own: the daemon, its code server and the runs it
+    launches are stopped together at the end (only the processes this test started)."""
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(BIN / "dagster-daemon"), "run", *LOCATION], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait_for(found, what: str, daemon: subprocess.Popen, log: Path, timeout: float = 420):
+    deadline = time.monotonic() + timeout
+    while not (result := found()):
+        assert daemon.poll() is None, f"the daemon exited with {daemon.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s; {log}: {log.read_text()[-3000:]}"
+        time.sleep(2)
+    return result
+
+
+def _finished(runs: list[dict], **tags) -> list[dict]:
+    return [r for r in runs if r["status"] in ("SUCCESS", "FAILURE") and tags.items() <= r["tags"].items()]
+
+
+@pytest.mark.slow
+def test_daemon_ingests_a_dropped_shard_by_the_sensor_and_refilters_on_a_schedule_tick(platform, tmp_path):
+    release = write_metadata(WORLD.generate(), tmp_path / "release", METADATA_BASE_URL, docs_per_shard=4)
+    new = "mmc4/docs_shard_1_v2.jsonl.zip"  # the world's stories cut finer: a shard the platform has not seen
+    (source,) = [path for path in release["mmc4"] if path.name == "docs_shard_1_v2.jsonl.zip"]
+    log = tmp_path / "daemon.log"
+    with running_daemon(platform.env, log) as daemon:
+        platform.dagster("sensor", "start", "raw_shard_sensor", *LOCATION)
+        assert _wait_for(lambda: platform.ticks("raw_shard_sensor"), "sensor tick", daemon, log) == ["SKIPPED"]
+
+        partial = platform.root / "raw" / f"{new}.tmp"  # written, then renamed into place: as a release lands
+        shutil.copy(source, partial)
+        partial.rename(platform.root / "raw" / new)
+        (ingest,) = _wait_for(lambda: _finished(platform.runs("ingest"), **{"dagster/partition": new}),
+                              "ingest run of the dropped shard", daemon, log)
+        assert ingest["status"] == "SUCCESS", platform.failures(ingest["id"])
+        assert ingest["tags"]["dagster/sensor_name"] == "raw_shard_sensor"
+        assert platform.materialized(ingest["id"], "downloaded_images") == {new}
+
+        # Re-filtering reads every shard's scores: the schedule skips until the new shard has them.
+        platform.dagster("schedule", "start", "refilter_every_minute", *LOCATION)
+        platform.dagster("asset", "materialize", *LOCATION, "--select", "recaptions,clip_scores", "--partition", new,
+                         "-c", _run_config(tmp_path, ("recaptions",), IN_PROCESS))
+        requests = platform.server.request_count
+        (refilter,) = _wait_for(lambda: _finished(platform.runs("refilter")), "refilter run", daemon, log)
+        assert refilter["status"] == "SUCCESS", platform.failures(refilter["id"])
+        assert refilter["tags"]["dagster/schedule_name"] == "refilter_every_minute"
+        assert "SUCCESS" in platform.ticks("refilter_every_minute")
+    assert platform.materialized(refilter["id"], "filtered_documents") == {*SHARDS, new}
+    assert platform.materialized(refilter["id"], "packed_sequences") == {None}
+    assert platform.server.request_count == requests  # re-filtering fetched no image
