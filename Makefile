@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weft-installed
+SCALE_STAMP := $(VENV)/.weft-scale-installed
 
 # Nothing may reach a model hub or an update server.
 export HF_HUB_OFFLINE := 1
@@ -57,9 +58,15 @@ ui: setup
 test: setup
 	$(PY) -m pytest
 
-# Needs PostgreSQL server binaries (Debian's postgresql; .ci/run installs what is missing).
-test-scale: setup
-	$(PY) -m pytest -m slow tests/test_scale_dagster.py
+$(SCALE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,scale]'
+	touch $(SCALE_STAMP)
+
+# The scale-out tests (slow): they need PostgreSQL's server binaries, a Java runtime and chromium (Debian's postgresql,
+# default-jre-headless, chromium; .ci/run installs what is missing).
+test-scale: $(SCALE_STAMP)
+	$(PY) -m pytest -m slow tests/test_scale_dagster.py tests/test_scale_download.py \
+		"tests/test_train.py::test_two_cpu_processes_zero2_then_resume_in_one[two_nodes]" tests/test_scale_ui.py
 
 bench: setup
 	$(PY) -m cuda_ops.bench
