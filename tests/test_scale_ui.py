@@ -2,6 +2,7 @@
 materialization made by Dagster's CLI, driven in a real browser (Playwright over Debian's chromium, offline).
 Screenshots are kept in ``$WEFT_TEST_ARTIFACTS`` (default ``test-artifacts/``)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -67,8 +68,9 @@ def ui(tmp_path):
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        finally:  # a code server it spawned can outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
