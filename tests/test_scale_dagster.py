@@ -84,11 +84,8 @@ class Platform:
     root: Path
     env: dict
 
-    def dagster(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(BIN / "dagster"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-        assert done.returncode == 0, f"dagster {' '.join(args)}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        return done
+    def dagster(self, *args: str) -> None:
+        _finish(_start(args, self.env))
 
     def runs(self, job: str) -> list[dict]:
         """The job's runs as Postgres holds them: id, status, tags, start and end times."""
@@ -115,6 +112,23 @@ class Platform:
         return {r[0] for r in rows}
 
 
+def _start(args: tuple[str, ...] | list[str], env: dict) -> subprocess.Popen:
+    """``dagster <args>`` in a session of its own."""
+    return subprocess.Popen([str(BIN / "dagster"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 900) -> None:
+    """Wait for a command of :func:`_start`, then stop what it left in its session (a code server it spawned can
+    outlive it): only processes this test started."""
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, f"{' '.join(process.args[1:])}: {output[-4000:]}"
+
+
 def _tags(tags: dict) -> str:
     return json.dumps(tags)
 
@@ -138,12 +152,10 @@ def platform(tmp_path_factory):
         p = Platform(postgres, server, root, env)
         p.dagster("asset", "materialize", *LOCATION, "--select", "sample_world")
         ingest_config = _run_config(home, ("downloaded_images",), IN_PROCESS)
-        ingest = [subprocess.Popen([str(BIN / "dagster"), "job", "execute", *LOCATION, "-j", "ingest", "-c", ingest_config,
-                                    "--tags", _tags({"dagster/partition": k})], cwd=ROOT, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in SHARDS]
+        ingest = [_start(["job", "execute", *LOCATION, "-j", "ingest", "-c", ingest_config,
+                          "--tags", _tags({"dagster/partition": k})], env) for k in SHARDS]
         for process in ingest:
-            output = process.communicate(timeout=900)[0]
-            assert process.returncode == 0, output[-4000:]
+            _finish(process)
         p.dagster("job", "execute", *LOCATION, "-j", "sample_world_data", "-c",
                   _run_config(home, DATA_OPS, MULTIPROCESS),
                   "--tags", _tags(partition_range_tags(SHARDS)))
@@ -190,8 +202,9 @@ def running_daemon(env: dict, log: Path):
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        finally:  # a code server it spawned can outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -204,7 +217,7 @@ def _wait_for(found, what: str, daemon: subprocess.Popen, log: Path, timeout: fl
     return result
 
 
-def _finished(runs: list[dict], **tags) -> list[dict]:
+def _ended(runs: list[dict], **tags) -> list[dict]:
     return [r for r in runs if r["status"] in ("SUCCESS", "FAILURE") and tags.items() <= r["tags"].items()]
 
 
@@ -221,7 +234,7 @@ def test_daemon_ingests_a_dropped_shard_by_the_sensor_and_refilters_on_a_schedul
         partial = platform.root / "raw" / f"{new}.tmp"  # written, then renamed into place: as a release lands
         shutil.copy(source, partial)
         partial.rename(platform.root / "raw" / new)
-        (ingest,) = _wait_for(lambda: _finished(platform.runs("ingest"), **{"dagster/partition": new}),
+        (ingest,) = _wait_for(lambda: _ended(platform.runs("ingest"), **{"dagster/partition": new}),
                               "ingest run of the dropped shard", daemon, log)
         assert ingest["status"] == "SUCCESS", platform.failures(ingest["id"])
         assert ingest["tags"]["dagster/sensor_name"] == "raw_shard_sensor"
@@ -232,7 +245,7 @@ def test_daemon_ingests_a_dropped_shard_by_the_sensor_and_refilters_on_a_schedul
         platform.dagster("asset", "materialize", *LOCATION, "--select", "recaptions,clip_scores", "--partition", new,
                          "-c", _run_config(tmp_path, ("recaptions",), IN_PROCESS))
         requests = platform.server.request_count
-        (refilter,) = _wait_for(lambda: _finished(platform.runs("refilter")), "refilter run", daemon, log)
+        (refilter,) = _wait_for(lambda: _ended(platform.runs("refilter")), "refilter run", daemon, log)
         assert refilter["status"] == "SUCCESS", platform.failures(refilter["id"])
         assert refilter["tags"]["dagster/schedule_name"] == "refilter_every_minute"
         assert "SUCCESS" in platform.ticks("refilter_every_minute")
