@@ -5,10 +5,12 @@
 #   make ablation  the MMFS ablation (paper Tab. 6(a)) on the demo's data (slow)
 #   make quality   the quality recipe: the main job's graph on a 60x larger world, training the small model (slow)
 #   make bench  the op's and the data pipeline's benchmarks
+#   make test-scale  the slow scale-out tests (Postgres, daemon, Spark, two nodes, browser): see README "Scale out"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weft-installed
+SCALE_STAMP := $(VENV)/.weft-scale-installed
 
 # Nothing may reach a model hub or an update server.
 export HF_HUB_OFFLINE := 1
@@ -16,11 +18,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DS_ACCELERATOR := cpu
 
 DAGSTER := DAGSTER_HOME=$(CURDIR)/dagster_home $(VENV)/bin/dagster
+# The local instance's settings (telemetry off); an existing dagster_home/dagster.yaml is left as it is.
+INSTANCE := test -e dagster_home/dagster.yaml || cp orchestration/presets/dagster.yaml dagster_home/dagster.yaml
 # The sample world's raw shards, as dynamic partitions: the whole set in one run; the ablation's variants likewise.
 SAMPLE_WORLD_SHARDS := {"dagster/asset_partition_range_start": "mmc4/docs_shard_0_v2.jsonl.zip", "dagster/asset_partition_range_end": "cc12m/cc12m-00000.tsv"}
 ABLATION_VARIANTS := {"dagster/asset_partition_range_start": "32_tokens_mmfs", "dagster/asset_partition_range_end": "256_tokens_no_mmfs"}
 
-.PHONY: setup demo test ui bench ablation quality
+.PHONY: setup demo test test-scale ui bench ablation quality
 
 setup: $(STAMP)
 
@@ -33,7 +37,7 @@ $(STAMP): pyproject.toml
 # 0. check the run config (one line per problem, naming file and key); 1. write the sample world and register its
 # shards; 2. run the data graph over them, train the checkpoint on its shards and write the evaluation report.
 demo: setup
-	mkdir -p dagster_home
+	mkdir -p dagster_home && $(INSTANCE)
 	$(PY) -m orchestration.check_config sample_world_main orchestration/presets/sample_world.yaml
 	$(DAGSTER) asset materialize -m orchestration.definitions --select sample_world
 	$(DAGSTER) job execute -m orchestration.definitions -j sample_world_main \
@@ -42,6 +46,7 @@ demo: setup
 
 # Paper Tab. 6(a) on the data of make demo: per variant packed sequences and a checkpoint, then one report.
 ablation: setup
+	mkdir -p dagster_home && $(INSTANCE)
 	$(PY) -m orchestration.check_config mmfs_ablation orchestration/presets/ablation.yaml
 	$(DAGSTER) job execute -m orchestration.definitions -j mmfs_ablation \
 		-c orchestration/presets/ablation.yaml --tags '$(ABLATION_VARIANTS)'
@@ -50,7 +55,7 @@ ablation: setup
 # The quality recipe in an instance and data root of its own (dagster_home/quality, data/quality).
 QUALITY := WEFT_PRESET=sample_world_quality DAGSTER_HOME=$(CURDIR)/dagster_home/quality
 quality: setup
-	mkdir -p dagster_home/quality
+	mkdir -p dagster_home/quality && (test -e dagster_home/quality/dagster.yaml || cp orchestration/presets/dagster.yaml dagster_home/quality/)
 	$(QUALITY) $(PY) -m orchestration.check_config sample_world_quality orchestration/presets/sample_world_quality.yaml
 	$(QUALITY) $(VENV)/bin/dagster asset materialize -m orchestration.definitions --select sample_world
 	$(QUALITY) $(VENV)/bin/dagster job execute -m orchestration.definitions -j sample_world_quality \
@@ -58,11 +63,21 @@ quality: setup
 	@echo "report: $$(ls -td data/quality/evaluation_report/*/ | head -1)report.md"
 
 ui: setup
-	mkdir -p dagster_home
+	mkdir -p dagster_home && $(INSTANCE)
 	$(DAGSTER) dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 test: setup
 	$(PY) -m pytest
+
+$(SCALE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,scale]'
+	touch $(SCALE_STAMP)
+
+# The scale-out tests (slow): they need PostgreSQL's server binaries, a Java runtime and chromium (Debian's postgresql,
+# default-jre-headless, chromium; .ci/run installs what is missing).
+test-scale: $(SCALE_STAMP)
+	$(PY) -m pytest -m slow tests/test_scale_dagster.py tests/test_scale_download.py \
+		"tests/test_train.py::test_two_cpu_processes_zero2_then_resume_in_one[two_nodes]" tests/test_scale_ui.py
 
 bench: setup
 	$(PY) -m cuda_ops.bench

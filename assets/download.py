@@ -57,14 +57,15 @@ def _metadata(result: DownloadedImages) -> dict:
     }
 
 
-@dg.asset_check(asset=downloaded_images, blocking=True, description=(
+@dg.asset_check(asset=downloaded_images, partitions_def=source_shards, blocking=True, description=(
     "Every shard's tar holds exactly the keys its status rows mark ok, and every tar reads to the end."))
 def downloaded_images_shard_integrity(downloaded_images: dict[str, DownloadedShard]) -> dg.AssetCheckResult:
     checked, problems = shard_problems(downloaded_images)
     return dg.AssetCheckResult(passed=not problems, metadata={"shards_checked": checked, "problems": bullets(problems)})
 
 
-@dg.asset_check(asset=downloaded_images, description="Share of image URLs downloaded is above the configured floor.")
+@dg.asset_check(asset=downloaded_images, partitions_def=source_shards,
+                description="Share of image URLs downloaded is above the configured floor.")
 def downloaded_images_success_rate(bounds: QualityBounds,
                                    downloaded_images: dict[str, DownloadedShard]) -> dg.AssetCheckResult:
     rate = success_rate(downloaded_images)

@@ -51,7 +51,8 @@ def _metadata(result: FilteredDocuments) -> dict:
     }
 
 
-@dg.asset_check(asset=filtered_documents, description="Document pass rate of the filter is within the configured bounds.")
+@dg.asset_check(asset=filtered_documents, partitions_def=source_shards,
+                description="Document pass rate of the filter is within the configured bounds.")
 def filtered_documents_pass_rate(bounds: QualityBounds, filtered_documents: dict[str, FilteredShard]) -> dg.AssetCheckResult:
     rate = pass_rate(filtered_documents)
     passed = bounds.min_filter_pass_rate <= rate <= bounds.max_filter_pass_rate

@@ -46,7 +46,7 @@ def _metadata(result: RawDocuments) -> dict:
     }
 
 
-@dg.asset_check(asset=raw_documents, description=(
+@dg.asset_check(asset=raw_documents, partitions_def=source_shards, description=(
     "Every raw shard of the run could be read; a shard that could not is named with its file and cause (its partition "
     "is quarantined: later stages leave it out)."))
 def raw_documents_shards_readable(raw_documents: RAW_SHARDS) -> dg.AssetCheckResult:
@@ -55,7 +55,8 @@ def raw_documents_shards_readable(raw_documents: RAW_SHARDS) -> dg.AssetCheckRes
         "shards_read": len(raw_documents) - len(failed), "failed_shards": table(failed, ("shard", "file: cause"))})
 
 
-@dg.asset_check(asset=raw_documents, description="Share of raw records that parse is above the configured floor.")
+@dg.asset_check(asset=raw_documents, partitions_def=source_shards,
+                description="Share of raw records that parse is above the configured floor.")
 def raw_documents_parse_rate(bounds: QualityBounds, raw_documents: dict[str, RawShard]) -> dg.AssetCheckResult:
     rate = parse_rate(raw_documents)
     return dg.AssetCheckResult(passed=rate >= bounds.min_parse_rate, metadata={

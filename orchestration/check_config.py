@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("job", help="a job of the code location (orchestration.definitions)")
     parser.add_argument("files", nargs="+", help="run-config YAML files, as given to dagster job execute -c")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)  # the assets' beta parameters: not the user's concern
+    for category in (dg.BetaWarning, dg.PreviewWarning):  # the assets' beta / preview parameters: not the user's concern
+        warnings.filterwarnings("ignore", category=category)
     from orchestration.definitions import defs
 
     definitions = defs()

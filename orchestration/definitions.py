@@ -117,7 +117,9 @@ def real_data_resources() -> dict:
     }
 
 
-def build_definitions(preset: str, resources: dict) -> dg.Definitions:
+def build_definitions(preset: str, resources: dict,
+                      schedule: dg.ScheduleDefinition = weekly_refilter) -> dg.Definitions:
+    """The code location of ``preset`` over ``resources``, re-filtering on ``schedule``."""
     if preset not in PRESETS:
         raise ValueError(f"WEFT_PRESET must be one of {PRESETS}, got {preset!r}")
     if preset != "real_data":
@@ -127,7 +129,7 @@ def build_definitions(preset: str, resources: dict) -> dg.Definitions:
         jobs = [sample_world_data, main, mmfs_ablation, refilter, ingest]
     else:
         assets, checks, jobs = DATA_ASSETS, DATA_CHECKS, [refilter, ingest]
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=[weekly_refilter],
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=[schedule],
                           sensors=[raw_shard_sensor], resources=resources)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from assets.clip import clip_scores
 from assets.download import downloaded_images
 from assets.filtering import filtered_documents
 from assets.partitions import source_shards
@@ -82,22 +83,35 @@ def preset_run_config(name: str, assets: tuple[str, ...]) -> dict:
     return {"ops": {k: v for k, v in ops.items() if k in assets}}
 
 
-@dg.schedule(job=refilter, cron_schedule="0 3 * * 1", default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="Weekly: re-filter every downloaded shard with the thresholds of the preset in WEFT_PRESET.")
-def weekly_refilter(context: dg.ScheduleEvaluationContext):
-    keys = context.instance.get_dynamic_partitions(source_shards.name)
-    if not keys:
-        return dg.SkipReason("no raw shards registered yet")
-    downloaded = context.instance.get_materialized_partitions(downloaded_images.key)
-    missing = [k for k in keys if k not in downloaded]
-    if missing:
-        return dg.SkipReason(f"{len(missing)} shards are not downloaded yet (first: {missing[0]})")
-    ops = ("filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences")
-    return dg.RunRequest(run_config=preset_run_config(preset_name(), ops), tags=partition_range_tags(keys))
+def refilter_schedule(name: str, cron_schedule: str) -> dg.ScheduleDefinition:
+    """A schedule of the ``refilter`` job at ``cron_schedule``: one run over every raw shard, once all are
+    downloaded (the project's is :data:`weekly_refilter`; a test drives a daemon with an every-minute one)."""
+
+    @dg.schedule(name=name, job=refilter, cron_schedule=cron_schedule, default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description=("Re-filter every downloaded shard with the thresholds of the preset in WEFT_PRESET. Off by "
+                              "default: it replaces the packed shards training reads, so a lab turns it on (UI toggle "
+                              "or `dagster schedule start`) where thresholds change."))
+    def _refilter(context: dg.ScheduleEvaluationContext):
+        keys = context.instance.get_dynamic_partitions(source_shards.name)
+        if not keys:
+            return dg.SkipReason("no raw shards registered yet")
+        scored = context.instance.get_materialized_partitions(clip_scores.key)  # what re-filtering reads
+        missing = [k for k in keys if k not in scored]
+        if missing:
+            return dg.SkipReason(f"{len(missing)} shards are not downloaded and scored yet (first: {missing[0]})")
+        ops = ("filtered_documents", "deduplicated_documents", "decontaminated_documents", "packed_sequences")
+        return dg.RunRequest(run_config=preset_run_config(preset_name(), ops), tags=partition_range_tags(keys))
+
+    return _refilter
+
+
+weekly_refilter = refilter_schedule("weekly_refilter", "0 3 * * 1")
 
 
 @dg.sensor(job=ingest, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
-           description="Adds a partition for each new raw shard in the watched folder and ingests exactly it.")
+           description=("Adds a partition for each new raw shard in the watched folder and ingests exactly it. Off by "
+                        "default: the sample world registers its own shards; turn it on to watch a real raw folder "
+                        "(a running daemon: `dagster dev` or `dagster-daemon run`)."))
 def raw_shard_sensor(context: dg.SensorEvaluationContext, storage: Storage):
     known = set(context.instance.get_dynamic_partitions(source_shards.name))
     layout = storage.layout

@@ -9,8 +9,8 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from assets.resources import SampleWorld, SampleWorldCaptioner, SampleWorldClipScorer, SampleWorldImages
-from orchestration.definitions import build_definitions, sample_world_resources
+from assets.resources import SampleWorldImages
+from orchestration.definitions import build_definitions
 from orchestration.jobs import partition_range_tags, preset_run_config, weekly_refilter
 from pipelines.data.documents import IMAGE_STATUS_OK, read_documents
 from pipelines.data.loader import sequence_dataset
@@ -21,6 +21,7 @@ from pipelines.evaluation.ablation import PAPER_VARIANTS, VARIANTS
 from pipelines.files import tar_keys
 from pipelines.sample_world.captions import normalize_caption
 from pipelines.sample_world.image_server import ImageServer
+from small_platform import FAULTS, WORLD, small_resources
 
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
 
@@ -57,20 +58,9 @@ class Graph:
 def _platform(root: Path, dagster_home: Path):
     """A clone of the platform: its own storage root, instance and loopback server (another port) on the same small
     world, with the sample world written and the data job run once."""
-    # 3 raw shards (one per source), ~40 images; permanent faults only, so no retry pass is needed.
-    world = SampleWorld(n_pairs=16, n_stories=6, n_eval=2, docs_per_shard=8)
-    faults = {"not_found": 0.08, "server_error": 0.0, "truncated": 0.0, "not_image": 0.04, "transient": 0.0}
-    with ImageServer(world.generate().routes(), SampleWorldImages(world=world, faults=faults).get().faults) as server, \
+    with ImageServer(WORLD.generate().routes(), SampleWorldImages(world=WORLD, faults=FAULTS).get().faults) as server, \
             dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
-        resources = {
-            **sample_world_resources(str(root), world),
-            "images": SampleWorldImages(world=world, server_url=server.base_url, faults=faults),
-            "clip_scorer_source": SampleWorldClipScorer(world=world, training={"steps": 10, "batch_size": 32},
-                                                        training_pairs=60, training_stories=8),
-            # a few steps on a small world: captions are wrong but real model output (not empty)
-            "captioner_source": SampleWorldCaptioner(world=world, training={"steps": 40, "batch_size": 16},
-                                                     training_pairs=200, captioning={"max_new_tokens": 24}),
-        }
+        resources = small_resources(str(root), server.base_url)
         g = Graph(instance, build_definitions("sample_world", resources), server, root)
         world_run = g.defs.get_implicit_global_asset_job_def().execute_in_process(
             instance=instance, asset_selection=[dg.AssetKey("sample_world")])

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,14 +136,35 @@ def test_killed_run_resumes_to_the_same_parameters(data, tmp_path):
     assert steps == [1, 2, 3, 4]  # records of the killed run past its checkpoint were dropped
 
 
-def test_two_cpu_processes_zero2_then_resume_in_one(data, tmp_path):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two_ranks(nodes: int, config: Path) -> None:
+    """Train on two ranks: one torchrun with two processes, or two torchruns as two nodes (one process each,
+    rendezvous at node 0 on localhost), the cluster's launch on one machine."""
+    torchrun = [str(PYTHON.parent / "torchrun")]
+    script = ["-m", "pipelines.training.train", "--config", str(config)]
+    if nodes == 1:
+        commands = [[*torchrun, "--standalone", "--nproc_per_node", "2", *script]]
+    else:
+        port = str(_free_port())
+        commands = [[*torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--master_addr",
+                     "127.0.0.1", "--master_port", port, *script] for rank in (0, 1)]
+    launched = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for c in commands]
+    for process in launched:
+        stderr = process.communicate(timeout=600)[1]
+        assert process.returncode == 0, stderr[-4000:]
+
+
+@pytest.mark.parametrize("nodes", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one_node", "two_nodes"])
+def test_two_cpu_processes_zero2_then_resume_in_one(data, tmp_path, nodes):
     config = _config(data, tmp_path / "run", max_steps=4)
     (tmp_path / "cfg.json").write_text(json.dumps(config.to_dict()))
-    torchrun = PYTHON.parent / "torchrun"
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipelines.training.train", "--config",
-               str(tmp_path / "cfg.json")]
-    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    _launch_two_ranks(nodes, tmp_path / "cfg.json")
 
     keys = []
     for rank in (0, 1):
