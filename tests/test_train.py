@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 def _config(data, run_dir, **overrides) -> TrainConfig:
     fields = dict(run_dir=str(run_dir), shards=str(data / "shards"), tokenizer=str(data / "tokenizer"), max_steps=4,
                   batch_size=1, lr=1e-3, decoder_lr=1e-3, warmup_steps=1, checkpoint_every=2, zero_stage=2,
-                  shuffle_buffer=8, progress=False)
+                  shuffle_buffer=8, progress=False, torch_threads=1)
     return TrainConfig(**{**fields, **overrides})
 
 
