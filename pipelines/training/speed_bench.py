@@ -6,7 +6,11 @@ Every variant is one copy of the same model (same seed) on the same packed sampl
 :func:`pipelines.training.bench.packed_batch`); the variants are timed round-robin, one step of each per round, so
 machine noise hits them alike, and the median of each is printed with its ratio to fp32 eager on one thread. A step is
 forward + backward + AdamW. ``compile`` is ``torch.compile`` of the whole model (inductor; its first step, the
-compilation, is in the warm-up and printed apart).
+compilation, is in the warm-up and printed apart; inductor draws its own random numbers, so its first loss differs by
+the diffusion noise, not only by arithmetic).
+
+Measured on an idle 2-core machine (``--preset small --steps 3``, 2 rows of ~4 images): fp32 eager 431 ms on one
+thread, 291 ms on two (1.48x), bf16 autocast 373 ms (1.15x), compiled 419 ms (1.03x, after a 156 s compilation).
 """
 
 from __future__ import annotations
