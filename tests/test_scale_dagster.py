@@ -28,6 +28,7 @@ from pipelines.sample_world import write_metadata
 from pipelines.sample_world.image_server import ImageServer
 from pipelines.sample_world.images import METADATA_BASE_URL
 from postgres_server import Postgres, running_postgres
+from sessions import stop_session
 from small_platform import FAULTS, WORLD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,13 +200,7 @@ def running_daemon(env: dict, log: Path):
     try:
         yield process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        finally:  # a code server it spawned can outlive it
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_session(process)
 
 
 def _wait_for(found, what: str, daemon: subprocess.Popen, log: Path, timeout: float = 420):

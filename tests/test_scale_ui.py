@@ -2,10 +2,8 @@
 materialization made by Dagster's CLI, driven in a real browser (Playwright over Debian's chromium, offline).
 Screenshots are kept in ``$WEFT_TEST_ARTIFACTS`` (default ``test-artifacts/``)."""
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.jobs import PRESETS_DIR
+from sessions import stop_session
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +64,7 @@ def ui(tmp_path):
                 time.sleep(1)
         yield base
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        finally:  # a code server it spawned can outlive it
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_session(process)
 
 
 def _chromium() -> str:
