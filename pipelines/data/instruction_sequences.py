@@ -14,7 +14,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,10 @@ from PIL import Image
 from pipelines.data.errors import BadRecordLog
 from pipelines.data.instructions import ImageFolder, InstructionSources, read_instructions
 from pipelines.data.layout import DataLayout
-from pipelines.data.packed_sequences import PackedSequences, SequenceShards
+from pipelines.data.packed_sequences import PackedSequences, SequenceShardSet, SequenceShards
 from pipelines.data.packing import PackedSequence, PackingConfig, PackingStats, pack_documents
 from pipelines.data.shards import write_shards
-from pipelines.data.tokenizer import TokenIds, TokenizerManifest
+from pipelines.data.tokenizer import TokenizerManifest
 from pipelines.files import fingerprint, sha256, write_json
 
 logger = logging.getLogger(__name__)
@@ -78,23 +77,11 @@ class InstructionCounts:
 
 
 @dataclass(frozen=True)
-class InstructionSequences:
-    """The packed instruction shards: where they are, what they hold and what they were made from."""
+class InstructionSequences(SequenceShardSet):
+    """The packed instruction shards; ``meta`` holds the packing settings, tokenizer, instruction files (sha256) and
+    image folder."""
 
-    path: str
-    urls: list[str]
-    samples: int
-    bytes: int
-    packing: PackingConfig
-    token_ids: TokenIds
-    meta: dict[str, Any]
-    """The shard index's lineage: packing settings, tokenizer, instruction files (sha256) and image folder."""
     counts: InstructionCounts
-
-    @property
-    def version(self) -> str:
-        """The fingerprint that names the folder."""
-        return Path(self.path).name
 
 
 def image_extension(data: bytes) -> str:

@@ -41,24 +41,33 @@ class SequenceShards:
 
 
 @dataclass(frozen=True)
-class PackedSequences:
-    """The packed shard set: where it is, what it holds and what it was made from."""
+class SequenceShardSet:
+    """Packed sequences in WebDataset tars with an index: where they are, what they hold, how they were packed."""
 
     path: str
     urls: list[str]
     samples: int
+    """Sequences in all tars."""
     bytes: int
+    """Size of all tars in bytes."""
     packing: PackingConfig
     token_ids: TokenIds
     meta: dict[str, Any]
-    """The shard index's lineage: packing settings, tokenizer, filter thresholds, documents and recaptions."""
-    stats: PackingStats
-    skipped_documents: int = 0
+    """The shard index's lineage: what the sequences were made from (settings, tokenizer, source files)."""
 
     @property
     def version(self) -> str:
         """The fingerprint that names the folder."""
         return Path(self.path).name
+
+
+@dataclass(frozen=True)
+class PackedSequences(SequenceShardSet):
+    """The pretraining shard set; ``meta`` holds the packing settings, tokenizer, filter thresholds, documents and
+    recaptions."""
+
+    stats: PackingStats
+    skipped_documents: int = 0
 
     @property
     def filter_thresholds(self) -> dict[str, dict[str, Any]]:
