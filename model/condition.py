@@ -37,6 +37,15 @@ After 2,000 steps on 2,000 sample-world pairs (64 held-out prompts, attribute ac
 model drew 0.21 / 0.24 with 8 heads and 0.13 / 0.16 with 2 (loss gap with a swapped condition at t=500: 0.015 vs
 0.012); the UNet alone on word embeddings 0.32 / 0.41 vs 0.23 / 0.26. An oracle condition of one token per object,
 which needs no binding, reaches 0.71 / 0.81.
+
+Why the decoders built from scratch draw their training timesteps from the noisy end (``DecoderConfig.timestep_bias``
+= 1, density rising linearly in t): a scene's layout and colours are decided at high noise, and a uniform draw spends
+only a quarter of its steps above t=750 (the biased one 44%), the rest refining latents whose layout is already there.
+The UNet alone on word embeddings (2,000 pairs, 200 held-out prompts, run side by side): attribute accuracy at
+guidance 1 / 3 after 1,000 steps 0.33 / 0.44 biased vs 0.15 / 0.17 uniform, after 2,000 0.41 / 0.52 vs 0.26 / 0.36
+(guidance 3: [0.48, 0.56] vs [0.32, 0.40], 95% bootstrap); the loss gap with a swapped condition at t=500 0.021 vs 0.011.
+The whole model (LLM states as the condition, same data): after 1,000 steps 0.19 / 0.27 vs 0.09 / 0.11, after 2,000
+0.28 [0.25, 0.32] / 0.35 [0.32, 0.39] vs 0.15 [0.12, 0.17] / 0.19 [0.16, 0.22], gap 0.025 vs 0.012.
 """
 
 from __future__ import annotations

@@ -156,6 +156,11 @@ class DecoderConfig:
     """Indices into the vision pyramid used by the UNet's MMFS (paper: 64²..8²)."""
     condition_dropout: float = 0.1
     """Probability of replacing the condition by the learned negative one in training (CFG)."""
+    timestep_bias: float = 0.0
+    """Training timesteps are drawn with density proportional to ``t ** timestep_bias`` over ``[0, T)``: 0 is uniform
+    (Stable Diffusion's training); 1 rises linearly to the noisiest steps, where a scene's layout and colours are
+    decided and the condition matters most (the aim of P2 weighting, Choi et al. 2022, reached by sampling instead of
+    loss weights). See :mod:`model.condition` for what it did to a decoder trained from scratch."""
     freeze_unet: bool = False
 
     def __post_init__(self) -> None:
@@ -172,6 +177,8 @@ class DecoderConfig:
             raise ValueError("condition_dropout must be in [0, 1)")
         if self.condition_rms <= 0:
             raise ValueError(f"condition_rms must be > 0, got {self.condition_rms}")
+        if self.timestep_bias < 0:
+            raise ValueError(f"decoder.timestep_bias must be >= 0, got {self.timestep_bias}")
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,7 @@ class MMInterleavedConfig:
                 condition=None,  # per-token over every layer: see model.condition for what the 16-query resampler cost
                 condition_layers="all",
                 mmfs=MMFSConfig(offset_init=0.5, **mmfs_small) if mmfs else None,
+                timestep_bias=1.0,  # from scratch the decoder learns its condition from the noisy steps: model.condition
             ),
         )
 

@@ -11,6 +11,8 @@
   :meth:`ImageDecoder._mmfs_context` (a ``with`` block around one UNet call).
 - Classifier-free guidance: a learned negative condition replaces the condition with
   probability ``condition_dropout`` in training and drives the unconditional branch when sampling.
+- Training timesteps: uniform as in Stable Diffusion, or drawn more often from the noisy end
+  (``DecoderConfig.timestep_bias``; the presets built from scratch use 1).
 
 Where the release gives the UNet only the immediately preceding image, weft gives it every
 previous image of the document, weighted by the same joint softmax and relative position as the LLM.
@@ -206,12 +208,20 @@ class ImageDecoder(nn.Module):
                              encoder_attention_mask=condition.mask).sample
 
     # training -------------------------------------------------------------------------------
+    def training_timesteps(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """``n`` timesteps in ``[0, T)`` drawn with density proportional to ``t ** config.timestep_bias`` (long)."""
+        steps = self.train_scheduler.config.num_train_timesteps
+        if self.config.timestep_bias == 0:
+            return torch.randint(0, steps, (n,), device=device)
+        u = torch.rand(n, device=device) ** (1.0 / (1.0 + self.config.timestep_bias))
+        return (u * steps).long().clamp(max=steps - 1)
+
     def loss(self, images: Tensor, condition: Condition, context: DecoderContext | None) -> Tensor:
         """Per-image diffusion loss ``(N,)`` for ``images (N, 3, H, W)`` in ``[0, 1]``."""
         # 1. latents, noise, timesteps
         latents = self.encode_images(images)
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        timesteps = self.training_timesteps(latents.shape[0], latents.device)
         noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
         # 2. classifier-free guidance dropout
         if self.training and self.config.condition_dropout > 0:

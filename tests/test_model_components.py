@@ -79,6 +79,25 @@ def test_decoder_loss_and_sampling(config):
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
 
 
+@pytest.mark.parametrize("bias, mean", [(0.0, 1 / 2), (1.0, 2 / 3), (3.0, 4 / 5)])
+def test_training_timesteps_follow_their_bias(config, bias, mean):
+    """Density proportional to t ** bias over [0, T): mean T (bias + 1) / (bias + 2); every draw a valid step."""
+    decoder = ImageDecoder(dataclasses.replace(config.decoder, timestep_bias=bias), llm_hidden_size=64,
+                           feature_dim=32, num_levels=4)
+    torch.manual_seed(0)
+    steps = decoder.training_timesteps(20000)
+    total = decoder.train_scheduler.config.num_train_timesteps
+    assert steps.dtype == torch.long and steps.min() >= 0 and steps.max() <= total - 1
+    assert abs(steps.float().mean().item() / total - mean) < 0.01
+    # a quarter of the draws of uniform sampling falls in the noisiest quarter; more the stronger the bias
+    assert abs((steps >= 0.75 * total).float().mean().item() - (1 - 0.75 ** (bias + 1))) < 0.01
+
+
+def test_timestep_bias_is_checked(config):
+    with pytest.raises(ValueError, match="timestep_bias must be >= 0, got -1"):
+        dataclasses.replace(config.decoder, timestep_bias=-1.0)
+
+
 def test_padding_a_per_token_condition_changes_nothing(config):
     """Per-token conditions of different widths are padded into one batch; the mask keeps the padding unseen."""
     torch.manual_seed(0)
