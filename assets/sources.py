@@ -1,4 +1,7 @@
-"""Raw documents: each raw metadata shard read into the normalized document schema (one parquet per shard)."""
+"""The raw metadata shards as they lie in the watched folder, and each one read into the normalized document schema
+(one parquet per shard)."""
+
+from pathlib import Path
 
 import dagster as dg
 
@@ -12,9 +15,21 @@ from pipelines.data.raw_documents import RawDocuments, RawShard, parse_rate, rea
 RAW_SHARDS = with_failures(RawShard)
 """Per partition its RawShard, or the ShardFailure of a shard that could not be read."""
 
+raw_shards = dg.AssetSpec(
+    "raw_shards", group_name="sources", partitions_def=source_shards, kinds={"files"},
+    description=("The raw metadata shards in the watched folder, one partition each (MMC4 jsonl.zip, LAION parquet, "
+                 "CC-12M tsv, ...). Dagster does not make them: the sample world writes its own (reported as "
+                 "materializations), and raw_shard_sensor observes the files a user drops in."))
+"""External: its events come from the writers (``sample_world``) and the watcher (``raw_shard_sensor``)."""
+
+
+def raw_shard_metadata(path: Path) -> dict:
+    """What the UI shows of one raw shard file: where it lies and its size."""
+    return {"path": dg.MetadataValue.path(str(path)), "bytes": path.stat().st_size}
+
 
 @dg.asset(group_name="sources", partitions_def=source_shards, backfill_policy=single_run, kinds={"parquet"},
-          dagster_type=RAW_SHARDS)
+          dagster_type=RAW_SHARDS, deps=[raw_shards])
 def raw_documents(context: dg.AssetExecutionContext, storage: Storage) -> dg.Output:
     """Read each raw shard (MMC4, LAION, CC-12M, OBELICS, OmniCorpus, MINT-1T, by its folder); every bad record is
     counted with its reason. A shard that cannot be read fails alone: its partition is quarantined with the file and

@@ -54,7 +54,7 @@ from assets.resources import (
     WebImages,
 )
 from assets.sample_world import sample_world
-from assets.sources import raw_documents, raw_documents_parse_rate, raw_documents_shards_readable
+from assets.sources import raw_documents, raw_documents_parse_rate, raw_documents_shards_readable, raw_shards
 from assets.training import checkpoint
 from orchestration.jobs import (
     ingest,
@@ -123,12 +123,12 @@ def build_definitions(preset: str, resources: dict,
     if preset not in PRESETS:
         raise ValueError(f"WEFT_PRESET must be one of {PRESETS}, got {preset!r}")
     if preset != "real_data":
-        assets = [*DATA_ASSETS, *SAMPLE_WORLD_EVALUATION]
+        assets = [raw_shards.merge_attributes(deps=[sample_world]), *DATA_ASSETS, *SAMPLE_WORLD_EVALUATION]
         checks = [*DATA_CHECKS, evaluation_report_beats_untrained, evaluation_report_finetuned_beats_baselines]
         main = sample_world_main if preset == "sample_world" else sample_world_quality
         jobs = [sample_world_data, main, mmfs_ablation, refilter, ingest]
     else:
-        assets, checks, jobs = DATA_ASSETS, DATA_CHECKS, [refilter, ingest]
+        assets, checks, jobs = [raw_shards, *DATA_ASSETS], DATA_CHECKS, [refilter, ingest]
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=[schedule],
                           sensors=[raw_shard_sensor], resources=resources)
 

@@ -11,7 +11,7 @@ from assets.download import downloaded_images
 from assets.filtering import filtered_documents
 from assets.partitions import source_shards
 from assets.resources import Storage
-from assets.sources import raw_documents
+from assets.sources import raw_documents, raw_shard_metadata, raw_shards
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -109,9 +109,9 @@ weekly_refilter = refilter_schedule("weekly_refilter", "0 3 * * 1")
 
 
 @dg.sensor(job=ingest, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
-           description=("Adds a partition for each new raw shard in the watched folder and ingests exactly it. Off by "
-                        "default: the sample world registers its own shards; turn it on to watch a real raw folder "
-                        "(a running daemon: `dagster dev` or `dagster-daemon run`)."))
+           description=("Adds a partition for each new raw shard in the watched folder, observes it (raw_shards) and "
+                        "ingests exactly it. Off by default: the sample world registers its own shards; turn it on to "
+                        "watch a real raw folder (a running daemon: `dagster dev` or `dagster-daemon run`)."))
 def raw_shard_sensor(context: dg.SensorEvaluationContext, storage: Storage):
     known = set(context.instance.get_dynamic_partitions(source_shards.name))
     layout = storage.layout
@@ -127,4 +127,6 @@ def raw_shard_sensor(context: dg.SensorEvaluationContext, storage: Storage):
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=k, run_key=k, run_config=run_config) for k in new],
         dynamic_partitions_requests=[source_shards.build_add_request(new)],
+        asset_events=[dg.AssetObservation(raw_shards.key, partition=k, metadata=raw_shard_metadata(layout.raw_file(k)))
+                      for k in new],
     )

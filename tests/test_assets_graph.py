@@ -80,6 +80,12 @@ def test_sample_world_registers_one_partition_per_raw_shard(graph):
     assert graph.keys == ["mmc4/docs_shard_0_v2.jsonl.zip", "laion/part-00000.parquet", "cc12m/cc12m-00000.tsv"]
     for key in graph.keys:
         assert (graph.root / "raw" / key).is_file()
+    # each written shard is reported as a materialization of the external raw_shards asset, with its file and size
+    written = {m.partition: m.metadata for m in graph.materializations("raw_shards")}
+    assert set(written) == set(graph.keys)
+    for key, metadata in written.items():
+        assert metadata["path"].value == str(graph.root / "raw" / key)
+        assert metadata["bytes"].value == (graph.root / "raw" / key).stat().st_size
 
 
 def test_every_asset_materializes_and_every_check_passes(graph):

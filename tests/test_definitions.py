@@ -33,11 +33,15 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(loaded)
     graph = loaded.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
+    assert keys == {"sample_world", "raw_shards", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
                     "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
                     "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint", "instruction_sequences",
                     "finetuned_checkpoint", "evaluation_report", "ablation_sequences", "ablation_checkpoints",
                     "mmfs_ablation_report"}
+    # the lineage: the sample world writes the raw shards that raw_documents reads; Dagster never makes them
+    assert graph.get(dg.AssetKey("raw_shards")).parent_keys == {dg.AssetKey("sample_world")}
+    assert dg.AssetKey("raw_shards") in graph.get(dg.AssetKey("raw_documents")).parent_keys
+    assert not graph.get(dg.AssetKey("raw_shards")).is_materializable
     assert {c.name for c in graph.asset_check_keys} >= {"downloaded_images_shard_integrity",
                                                         "packed_sequences_shard_integrity",
                                                         "instruction_sequences_shard_integrity",
@@ -68,7 +72,7 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
             "print(sorted(k.to_user_string() for k in d.resolve_asset_graph().get_all_asset_keys()))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout
-    assert "sample_world" not in out and "evaluation_report" not in out
+    assert "sample_world" not in out and "evaluation_report" not in out and "raw_shards" in out
     assert "packed_sequences" in out and "recaptions" in out and "checkpoint" in out
     assert "instruction_sequences" in out and "finetuned_checkpoint" in out  # real users fine-tune on LLaVA-style files
     env["WEFT_PRESET"] = "nonsense"

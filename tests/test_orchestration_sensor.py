@@ -36,6 +36,9 @@ def test_new_raw_shard_yields_a_run_for_exactly_that_partition(tmp_path, metadat
         result = _evaluate(instance, storage)
         assert [r.partition_key for r in result.run_requests] == ["laion/part-00000.parquet"]
         assert result.run_requests[0].run_config["ops"]["downloaded_images"]["config"]["image_size"] == 64
+        (observed,) = result.asset_events  # the external raw_shards asset: what the sensor saw, where and how large
+        assert (observed.asset_key, observed.partition) == (dg.AssetKey("raw_shards"), "laion/part-00000.parquet")
+        assert observed.metadata["bytes"].value == (tmp_path / "watched" / "laion" / "part-00000.parquet").stat().st_size
         (request,) = result.dynamic_partitions_requests
         assert request.partition_keys == ["laion/part-00000.parquet"]
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))

@@ -112,6 +112,12 @@ class Platform:
                                    "dagster_event_type = 'ASSET_MATERIALIZATION'", (run_id, json.dumps([asset])))
         return {r[0] for r in rows}
 
+    def observed(self, asset: str) -> set[str | None]:
+        """Partitions of ``asset`` with an observation in Postgres (a sensor's are reported outside any run)."""
+        rows = self.postgres.query("SELECT partition FROM event_logs WHERE asset_key = %s AND "
+                                   "dagster_event_type = 'ASSET_OBSERVATION'", (json.dumps([asset]),))
+        return {r[0] for r in rows}
+
 
 def _start(args: tuple[str, ...] | list[str], env: dict) -> subprocess.Popen:
     """``dagster <args>`` in a session of its own."""
@@ -234,6 +240,7 @@ def test_daemon_ingests_a_dropped_shard_by_the_sensor_and_refilters_on_a_schedul
         assert ingest["status"] == "SUCCESS", platform.failures(ingest["id"])
         assert ingest["tags"]["dagster/sensor_name"] == "raw_shard_sensor"
         assert platform.materialized(ingest["id"], "downloaded_images") == {new}
+        assert platform.observed("raw_shards") == {new}  # the sensor's observation of the file it saw
 
         # Re-filtering reads every shard's scores: the schedule skips until the new shard has them.
         platform.dagster("schedule", "start", "refilter_every_minute", *LOCATION)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ARTIFACTS = Path(os.environ.get("WEFT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
-ASSETS = ["sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents",
+ASSETS = ["sample_world", "raw_shards", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents",
           "captioner", "recaptions", "deduplicated_documents", "decontaminated_documents", "tokenizer",
           "packed_sequences", "checkpoint", "instruction_sequences", "finetuned_checkpoint", "evaluation_report",
           "ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"]
