@@ -1,7 +1,7 @@
 # weft: one command to set up and run the main job, one to set up and run the tests.
 #   make demo   bootstrap .venv (idempotent) and run the main job on the embedded sample world
 #   make test   bootstrap .venv (idempotent) and run the default test suite
-#   make ui     the Dagster UI on http://127.0.0.1:3000 (same instance as make demo)
+#   make ui     the Dagster UI on http://127.0.0.1:3000 (same instance as make demo; UI_PORT=, INSTANCE_DIR= to change)
 #   make ablation  the MMFS ablation (paper Tab. 6(a)) on the demo's data (slow)
 #   make quality   the quality recipe: the main job's graph on a 60x larger world, training the small model (slow)
 #   make bench  the op's and the data pipeline's benchmarks
@@ -17,9 +17,12 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DS_ACCELERATOR := cpu
 
-DAGSTER := DAGSTER_HOME=$(CURDIR)/dagster_home $(VENV)/bin/dagster
-# The local instance's settings (telemetry off); an existing dagster_home/dagster.yaml is left as it is.
-INSTANCE := test -e dagster_home/dagster.yaml || cp orchestration/presets/dagster.yaml dagster_home/dagster.yaml
+# The local Dagster instance (make INSTANCE_DIR=... for another) and the UI's port.
+INSTANCE_DIR ?= $(CURDIR)/dagster_home
+UI_PORT ?= 3000
+DAGSTER := DAGSTER_HOME=$(INSTANCE_DIR) $(VENV)/bin/dagster
+# An instance folder with the project's settings (telemetry off); an existing dagster.yaml there is left as it is.
+instance = mkdir -p $(1) && (test -e $(1)/dagster.yaml || cp orchestration/presets/dagster.yaml $(1)/)
 # The sample world's raw shards, as dynamic partitions: the whole set in one run; the ablation's variants likewise.
 SAMPLE_WORLD_SHARDS := {"dagster/asset_partition_range_start": "mmc4/docs_shard_0_v2.jsonl.zip", "dagster/asset_partition_range_end": "cc12m/cc12m-00000.tsv"}
 ABLATION_VARIANTS := {"dagster/asset_partition_range_start": "32_tokens_mmfs", "dagster/asset_partition_range_end": "256_tokens_no_mmfs"}
@@ -37,7 +40,7 @@ $(STAMP): pyproject.toml
 # 0. check the run config (one line per problem, naming file and key); 1. write the sample world and register its
 # shards; 2. run the data graph over them, train the checkpoint on its shards and write the evaluation report.
 demo: setup
-	mkdir -p dagster_home && $(INSTANCE)
+	$(call instance,$(INSTANCE_DIR))
 	$(PY) -m orchestration.check_config sample_world_main orchestration/presets/sample_world.yaml
 	$(DAGSTER) asset materialize -m orchestration.definitions --select sample_world
 	$(DAGSTER) job execute -m orchestration.definitions -j sample_world_main \
@@ -46,16 +49,16 @@ demo: setup
 
 # Paper Tab. 6(a) on the data of make demo: per variant packed sequences and a checkpoint, then one report.
 ablation: setup
-	mkdir -p dagster_home && $(INSTANCE)
+	$(call instance,$(INSTANCE_DIR))
 	$(PY) -m orchestration.check_config mmfs_ablation orchestration/presets/ablation.yaml
 	$(DAGSTER) job execute -m orchestration.definitions -j mmfs_ablation \
 		-c orchestration/presets/ablation.yaml --tags '$(ABLATION_VARIANTS)'
 	@echo "report: $$(ls -td data/mmfs_ablation/*/ | head -1)report.md"
 
 # The quality recipe in an instance and data root of its own (dagster_home/quality, data/quality).
-QUALITY := WEFT_PRESET=sample_world_quality DAGSTER_HOME=$(CURDIR)/dagster_home/quality
+QUALITY := WEFT_PRESET=sample_world_quality DAGSTER_HOME=$(INSTANCE_DIR)/quality
 quality: setup
-	mkdir -p dagster_home/quality && (test -e dagster_home/quality/dagster.yaml || cp orchestration/presets/dagster.yaml dagster_home/quality/)
+	$(call instance,$(INSTANCE_DIR)/quality)
 	$(QUALITY) $(PY) -m orchestration.check_config sample_world_quality orchestration/presets/sample_world_quality.yaml
 	$(QUALITY) $(VENV)/bin/dagster asset materialize -m orchestration.definitions --select sample_world
 	$(QUALITY) $(VENV)/bin/dagster job execute -m orchestration.definitions -j sample_world_quality \
@@ -63,8 +66,8 @@ quality: setup
 	@echo "report: $$(ls -td data/quality/evaluation_report/*/ | head -1)report.md"
 
 ui: setup
-	mkdir -p dagster_home && $(INSTANCE)
-	$(DAGSTER) dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	$(call instance,$(INSTANCE_DIR))
+	$(DAGSTER) dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 test: setup
 	$(PY) -m pytest

@@ -2,8 +2,10 @@
 materialization made by Dagster's CLI, driven in a real browser (Playwright over Debian's chromium, offline).
 Screenshots are kept in ``$WEFT_TEST_ARTIFACTS`` (default ``test-artifacts/``)."""
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.jobs import PRESETS_DIR
-from sessions import stop_session
+from sessions import alive, descendants, stop_session
 
 pytestmark = pytest.mark.slow
 
@@ -53,17 +55,48 @@ def ui(tmp_path):
                                    stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"dagster dev exited with {process.returncode}: {log.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(base + "/server_info", timeout=2).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"dagster dev did not answer within 180 s: {log.read_text()[-3000:]}"
-                time.sleep(1)
+        _wait_until_serving(process, base, log)
         yield base
     finally:
+        stop_session(process)
+
+
+def _wait_until_serving(process: subprocess.Popen, base: str, log: Path, timeout: float = 180) -> None:
+    """Until the UI at ``base`` answers; ``process`` (writing ``log``) must stay up meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"the UI exited with {process.returncode}: {log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(base + "/server_info", timeout=2).read()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"the UI did not answer within {timeout} s: {log.read_text()[-3000:]}"
+            time.sleep(1)
+
+
+def test_make_ui_stops_on_ctrl_c(tmp_path):
+    """Ctrl-C in the terminal running ``make ui`` (SIGINT to its foreground process group) stops make, ``dagster
+    dev`` and every process they started (webserver, daemon, code servers) within a minute, nothing killed."""
+    port, log = _free_port(), tmp_path / "make_ui.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
+           "WEFT_DATA_ROOT": str(tmp_path / "data")}
+    with open(log, "w") as out:
+        process = subprocess.Popen(["make", "ui", f"UI_PORT={port}", f"INSTANCE_DIR={tmp_path / 'dagster_home'}"],
+                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    started: set[int] = set()
+    try:
+        _wait_until_serving(process, f"http://127.0.0.1:{port}", log)
+        started = descendants(process.pid) | {process.pid}
+        assert len(started) >= 4, f"make, dagster dev, its webserver and daemon: {started}"
+        os.killpg(process.pid, signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(started), f"still running 60 s after Ctrl-C: {alive(started)}\n{log.read_text()[-3000:]}"
+    finally:
+        for pid in alive(started):  # only if the test failed: what this test started, nothing else
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stop_session(process)
 
 
