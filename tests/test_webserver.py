@@ -96,12 +96,13 @@ def test_webserver_serves_the_asset_graph_checks_schedule_and_sensor(webserver):
     assert nodes, answer
     (repo,) = nodes
     assets = {"/".join(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
-    assert set(assets) == {"sample_world", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
+    assert set(assets) == {"sample_world", "raw_shards", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores",
                            "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
                            "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint",
                            "instruction_sequences", "finetuned_checkpoint", "evaluation_report", "ablation_sequences",
                            "ablation_checkpoints", "mmfs_ablation_report"}
     assert assets["downloaded_images"]["isPartitioned"] and not assets["packed_sequences"]["isPartitioned"]
+    assert assets["raw_shards"]["isPartitioned"]  # the files, one partition per shard
     assert assets["recaptions"]["isPartitioned"] and not assets["captioner"]["isPartitioned"]
     assert assets["ablation_checkpoints"]["isPartitioned"] and not assets["mmfs_ablation_report"]["isPartitioned"]
     checks = {c["name"]: c["blocking"] for a in assets.values() for c in a["assetChecksOrError"]["checks"]}
