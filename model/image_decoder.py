@@ -20,7 +20,7 @@ previous image of the document, weighted by the same joint softmax and relative 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -280,7 +280,8 @@ class ImageDecoder(nn.Module):
 
 
 def fit_vae(vae: AutoencoderKL, images: Tensor, *, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
-            latent_weight: float = 1e-6, seed: int = 0) -> list[float]:
+            latent_weight: float = 1e-6, seed: int = 0,
+            on_step: Callable[[float], None] | None = None) -> list[float]:
     """Fit a randomly initialised VAE to ``images (N, 3, H, W)`` in ``[0, 1]`` as a deterministic autoencoder,
     set its ``scaling_factor`` so that latents have unit variance, and freeze it again.
 
@@ -291,7 +292,8 @@ def fit_vae(vae: AutoencoderKL, images: Tensor, *, steps: int = 300, batch_size:
     the mean, as it nearly is for Stable Diffusion's VAE. Fitted through sampled latents instead, as this
     function once did, the posterior kept a std of ~0.6 of the latents' own after 300 steps: the decoder
     learned to ignore that noise, but the UNet trained on it, wasting its capacity on denoising noise no
-    condition can predict (its loss at t=50 was 0.83 instead of 0.13). Returns the loss of every step.
+    condition can predict (its loss at t=50 was 0.83 instead of 0.13). ``on_step`` gets each step's loss as
+    it is made (progress). Returns the loss of every step.
     """
     generator = torch.Generator().manual_seed(seed)
     vae.requires_grad_(True).train()
@@ -306,6 +308,8 @@ def fit_vae(vae: AutoencoderKL, images: Tensor, *, steps: int = 300, batch_size:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())  # host-device sync, once per step
+        if on_step is not None:
+            on_step(losses[-1])
     vae.requires_grad_(False).eval()
     _fix_posterior_log_variance(vae, -30.0)
     with torch.no_grad():

@@ -141,8 +141,10 @@ def test_fit_vae_learns_to_reconstruct_and_scales_latents_to_unit_variance(confi
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(config.decoder.vae_config).requires_grad_(False)
     images = torch.stack([square_image(c, 32, offset=o) for c in ("red", "green", "blue", "yellow") for o in (0, 4)])
-    losses = fit_vae(vae, images, steps=40, batch_size=8, lr=2e-3)
+    reported: list[float] = []
+    losses = fit_vae(vae, images, steps=40, batch_size=8, lr=2e-3, on_step=reported.append)
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert reported == losses  # progress: every step's loss as it was made
     assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
     with torch.no_grad():
         latents = vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor

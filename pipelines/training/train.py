@@ -423,8 +423,14 @@ def build_model_with_fitted_vae(config: TrainConfig, vae_steps: int) -> tuple[An
     torch.manual_seed(config.seed)
     model = build_model(config)
     images = shard_images(config, model.image_size, model.num_visual_tokens)
-    with cpu_threads(config.torch_threads):
-        losses = fit_vae(model.decoder.vae, images, steps=vae_steps, seed=config.seed)
+    with cpu_threads(config.torch_threads), tqdm(total=vae_steps, desc="vae", unit="step",
+                                                 disable=not config.progress) as bar:
+
+        def step_done(loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+
+        losses = fit_vae(model.decoder.vae, images, steps=vae_steps, seed=config.seed, on_step=step_done)
     model.config.decoder.vae_config = {**model.config.decoder.vae_config,
                                        "scaling_factor": model.decoder.vae.config.scaling_factor}
     return model, losses
