@@ -21,14 +21,22 @@ def stop_session(process: subprocess.Popen, timeout: float = 60) -> None:
         process.wait()
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid from ``/proc/<pid>/stat`` (Linux); ``None`` once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (children, their children, ...), from ``/proc`` (Linux)."""
     parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-            if fields[0] != "Z":
-                parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = _state_and_parent(int(entry.name))
+        if stat is not None and stat[0] != "Z":
+            parents.setdefault(stat[1], []).append(int(entry.name))
     found, todo = set(), [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
@@ -40,9 +48,4 @@ def descendants(pid: int) -> set[int]:
 
 def alive(pids: set[int]) -> set[int]:
     """Those of ``pids`` still running (not exited, not zombies)."""
-    running = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                running.add(pid)
-    return running
+    return {pid for pid in pids if (stat := _state_and_parent(pid)) is not None and stat[0] != "Z"}
