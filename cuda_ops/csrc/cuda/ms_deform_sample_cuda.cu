@@ -8,9 +8,10 @@
 //
 // Backward: the location and weight gradients of a sample need <grad_out, value corner> over all
 // D channels; the group reduces them with warp shuffles and lane 0 writes them (no atomics).
-// The value gradient is either scattered with float atomics (fast, order-dependent) or, in
-// deterministic mode, gathered: every (sample, corner) gets the key of the value row it touches,
-// a stable sort groups equal keys in a fixed order, and one group sums each key's run.
+// The value gradient is either scattered with float atomics (fast, order-dependent; 16-byte vector
+// atomics on Hopper) or, in deterministic mode, gathered: every (sample, corner) gets the key of
+// the value row it touches, a stable sort groups equal keys in a fixed order, and one group sums
+// each key's run.
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -107,6 +108,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// dst[k] += x[k] for k < VEC, atomically per element. On Hopper (sm_90+) float runs of four go as
+// one 16-byte vector atomic (global memory only; dst is 16-byte aligned whenever VEC > 1, see
+// vector_width): the value gradient's scatter is bound by the number of atomics, and this cuts
+// them fourfold.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void atomic_add_pack(acc_t* dst, const acc_t (&x)[VEC]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (std::is_same_v<acc_t, float> && VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst + k), make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]));
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) atomicAdd(dst + k, x[k]);
+}
+
 // Location and weight gradients; with SCATTER_VALUE_GRAD also the value gradient (atomics).
 template <typename scalar_t, int VEC, bool SCATTER_VALUE_GRAD>
 __global__ void __launch_bounds__(kThreads)
@@ -141,12 +161,14 @@ __global__ void __launch_bounds__(kThreads)
             const int64_t at = level_offset + corners.offset[c] * pixel_stride + c0;
             const auto v = load_pack<scalar_t, VEC>(value + at);
             const acc_t wc = a * corners.weight[c];
+            acc_t contribution[VEC];
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
               const acc_t gk = static_cast<acc_t>(g.v[k]);
               dot[c] += gk * static_cast<acc_t>(v.v[k]);
-              if constexpr (SCATTER_VALUE_GRAD) atomicAdd(grad_value + at + k, wc * gk);
+              contribution[k] = wc * gk;
             }
+            if constexpr (SCATTER_VALUE_GRAD) atomic_add_pack<acc_t, VEC>(grad_value + at, contribution);
           }
         }
 #pragma unroll
