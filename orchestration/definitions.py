@@ -79,7 +79,7 @@ DATA_CHECKS = [raw_documents_shards_readable, raw_documents_parse_rate, download
 SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, ablation_checkpoints,
                            mmfs_ablation_report]
 
-SAMPLE_WORLD = SampleWorld(n_pairs=48, n_stories=24, docs_per_shard=12)
+SAMPLE_WORLD = SampleWorld(n_pairs=240, n_stories=48, docs_per_shard=24, rows_per_shard=200)
 """The embedded default's world: small enough that the main job runs in minutes on a laptop CPU."""
 
 QUALITY_WORLD = SampleWorld(n_pairs=3000, n_stories=600, n_eval=200, docs_per_shard=150, rows_per_shard=500)

@@ -43,15 +43,26 @@ class Graph:
         self.result = None
 
     def run(self, job: str, run_config: dict | None = None, **kwargs) -> dg.ExecuteInProcessResult:
-        """Run ``job`` over every shard, with the sample-world preset's op config unless given."""
+        """Run ``job`` over every shard, with the sample-world preset's op config unless given, but with CC-12M
+        recaptioned and the scorer's calibrated pair threshold (:func:`graph_run_config`)."""
         if run_config is None:
-            run_config = preset_run_config("sample_world", PRESET_OPS)
+            run_config = graph_run_config()
         return self.defs.resolve_job_def(job).execute_in_process(
             instance=self.instance, tags=partition_range_tags(self.keys), run_config=run_config, **kwargs)
 
     def materializations(self, asset: str) -> list:
         records = self.instance.fetch_materializations(dg.AssetKey(asset), limit=100).records
         return [r.asset_materialization for r in records]
+
+
+def graph_run_config() -> dict:
+    """The sample-world preset's op config with the paper's recaptioning of CC-12M and the scorer's calibrated pair
+    threshold: the preset turns both off for the tiny captioner's sake (``sample_world.yaml``), but the graph's
+    recaption and calibration paths are what these tests exercise."""
+    config = preset_run_config("sample_world", PRESET_OPS)
+    config["ops"]["recaptions"]["config"]["sources"] = ["cc12m"]
+    config["ops"]["filtered_documents"]["config"]["pair_min_similarity"] = None
+    return config
 
 
 @contextlib.contextmanager
