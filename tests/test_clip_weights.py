@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from model.clip_weights import CheckpointConfigError, CheckpointKeysError, CheckpointShapeError
+from model.config import MMInterleavedConfig
 from model.vision import build_clip_vision_tower
 
 WIDTH, PROJECTION = 32, 16
@@ -178,3 +179,7 @@ def test_a_shape_mismatch_names_the_key_and_both_shapes(hf_folder):
                                                    r"\(17, 32\), tower \(37, 32\)"):
         build_clip_vision_tower(larger, hf_folder[0])
 
+
+def test_the_paper_preset_refuses_a_random_frozen_vit():
+    with pytest.raises(ValueError, match="clip_checkpoint"):
+        MMInterleavedConfig.paper(llm_path="llm", diffusion_path="sd", clip_checkpoint=None)
