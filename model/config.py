@@ -75,7 +75,9 @@ class VisionConfig:
     """An open_clip model name (a shipped or ``open_clip.add_model_config`` config) or the config
     dict itself (``{"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``)."""
     clip_checkpoint: str | None = None
-    """Local open_clip state dict (``.safetensors``, ``.bin``, ``.pt``); ``None``: random init."""
+    """Local CLIP weights: an open_clip state dict (``.safetensors``, ``.bin``, ``.pt``) or a Hugging Face
+    ``CLIPModel`` / ``CLIPVisionModel`` folder (see ``model.clip_weights``); ``None``: random init, for
+    models trained from scratch only (the ViT is frozen)."""
     pyramid_channels: int = 1024
     """Channels of every pyramid level (the MMFS value input)."""
     pyramid_scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
@@ -332,12 +334,19 @@ class MMInterleavedConfig:
         cls,
         llm_path: str,
         diffusion_path: str,
-        clip_checkpoint: str | None,
-        clip_model: str | dict[str, Any] = "ViT-L-14",
+        clip_checkpoint: str,
+        clip_model: str | dict[str, Any] = "ViT-L-14-quickgelu",
         tokenizer_path: str | None = None,
         num_visual_tokens: int = 64,
     ) -> "MMInterleavedConfig":
-        """Tab. 9: CLIP ViT-L/14 + Vicuna-13B + SD 2.1, all loaded from local paths."""
+        """Tab. 9: CLIP ViT-L/14 + Vicuna-13B + SD 2.1, all loaded from local paths.
+
+        ``clip_checkpoint`` is required: the ViT is frozen, so a random one would stay random. The default
+        ``clip_model`` is OpenAI's ViT-L/14 (QuickGELU), whose weights the paper uses
+        (``openai/clip-vit-large-patch14``); other weights need their own config (e.g. ``ViT-L-14``).
+        """
+        if not clip_checkpoint:
+            raise ValueError("the paper preset needs clip_checkpoint: its frozen ViT must be pretrained weights")
         return cls(
             vision=VisionConfig(
                 clip_model=clip_model,

@@ -14,9 +14,10 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
+from model.clip_weights import load_clip_vision_weights, read_clip_vision_checkpoint
 from model.config import VisionConfig
 from model.resampler import PerceiverResampler
 
@@ -24,8 +25,35 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_clip_vision_tower(clip_model: str | dict, checkpoint: str | None) -> nn.Module:
-    """The open_clip ``VisionTransformer`` of a model name or config dict, weights from a local file."""
+def build_clip_vision_tower(clip_model: str | dict, checkpoint: str | Path | None) -> VisionTransformer:
+    """The open_clip ``VisionTransformer`` of ``clip_model``, weights from a local checkpoint.
+
+    ``clip_model`` (an open_clip config name or dict) decides the architecture, activation included.
+    ``checkpoint`` is an open_clip state-dict file (or hub folder) or a Hugging Face ``CLIPModel`` /
+    ``CLIPVisionModel`` folder (:mod:`model.clip_weights`); ``None`` keeps the random initialisation
+    (models trained from scratch, as :meth:`MMInterleavedConfig.tiny`).
+
+    The checkpoint never changes the architecture silently: where its config states the activation
+    (Hugging Face ``hidden_act``, open_clip's ``open_clip_config.json``), the heads or the LayerNorm
+    eps and ``clip_model`` built something else, :class:`~model.clip_weights.CheckpointConfigError`
+    says so. OpenAI's weights (``openai/clip-vit-large-patch14``, the paper's) need QuickGELU: open_clip's
+    ``-quickgelu`` configs, e.g. ``ViT-L-14-quickgelu``; without it their features degrade. A checkpoint
+    that states no activation (a bare open_clip file) is loaded into ``clip_model``'s with a warning.
+    A Hugging Face ``CLIPVisionModel`` has no image projection, so its tower has ``proj = None``
+    (the image tokenizer reads the patch tokens only).
+
+    Raises ``FileNotFoundError`` naming a path that does not exist, and
+    :class:`~model.clip_weights.CheckpointKeysError` / ``CheckpointShapeError`` naming the file and the
+    missing, unexpected or mis-shaped keys.
+    """
+    visual = _open_clip_vision_tower(clip_model)
+    if checkpoint is not None:
+        load_clip_vision_weights(visual, read_clip_vision_checkpoint(checkpoint))
+    return visual
+
+
+def _open_clip_vision_tower(clip_model: str | dict) -> VisionTransformer:
+    """The randomly initialised ``VisionTransformer`` of an open_clip config name or dict."""
     if isinstance(clip_model, str):
         model_cfg = open_clip.get_model_config(clip_model)
         if model_cfg is None:
@@ -33,27 +61,9 @@ def build_clip_vision_tower(clip_model: str | dict, checkpoint: str | None) -> n
     else:
         model_cfg = dict(clip_model)
     clip = open_clip.CLIP(**{k: v for k, v in model_cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")})
-    visual = clip.visual
-    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+    if not isinstance(clip.visual, VisionTransformer):
         raise ValueError("the image tokenizer needs an open_clip VisionTransformer (a ViT config)")
-    if checkpoint is not None:
-        visual.load_state_dict(load_clip_visual_state_dict(checkpoint))
-    return visual
-
-
-def load_clip_visual_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The ``visual.*`` weights of an open_clip state dict (``.safetensors`` or a ``weights_only`` pickle)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    if not visual:
-        raise ValueError(f"{path} holds no 'visual.*' weights of an open_clip model")
-    return visual
+    return clip.visual
 
 
 class PyramidLevel(nn.Module):

@@ -199,6 +199,7 @@ def write_tiny_paper_checkpoints(root, tiny):
     open_clip.add_model_config(clip_dir)
     clip = open_clip.create_model("weft-test-vit", pretrained=None)
     save_file(clip.state_dict(), str(root / "clip.safetensors"))
+    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny.vision.clip_model}))  # as open_clip's hub
 
     llm_config = dict(tiny.language.llm_config)
     model_type = llm_config.pop("model_type")
