@@ -12,8 +12,8 @@ Presets:
 - :meth:`MMInterleavedConfig.small`: the same built wider and at 64 px (~6M parameters, ~3x tiny's step time);
   the sample world's quality recipe.
 - :meth:`MMInterleavedConfig.paper`: the paper's sizes (Tab. 9) with the frozen parts (CLIP ViT,
-  the LLM, Stable Diffusion's UNet/VAE/scheduler) loaded from *local* paths. No code path
-  downloads anything.
+  the LLM, Stable Diffusion's UNet/VAE/scheduler) loaded from *local* paths, and gradient checkpointing
+  on. No code path downloads anything.
 """
 
 from __future__ import annotations
@@ -210,6 +210,10 @@ class MMInterleavedConfig:
     decoder: DecoderConfig
     text_loss_weight: float = 1.0
     image_loss_weight: float = 10.0
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward instead of keeping them: the LLM's decoder layers (their MMFS
+    included), every resampler layer, the UNet's blocks and its MMFS skips. Same losses and gradients, about one
+    more forward of compute. The frozen ViT runs without autograd and keeps no activations either way."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -339,7 +343,7 @@ class MMInterleavedConfig:
         tokenizer_path: str | None = None,
         num_visual_tokens: int = 64,
     ) -> "MMInterleavedConfig":
-        """Tab. 9: CLIP ViT-L/14 + Vicuna-13B + SD 2.1, all loaded from local paths.
+        """Tab. 9: CLIP ViT-L/14 + Vicuna-13B + SD 2.1, all loaded from local paths; gradient checkpointing on.
 
         ``clip_checkpoint`` is required: the ViT is frozen, so a random one would stay random. The default
         ``clip_model`` is OpenAI's ViT-L/14 (QuickGELU), whose weights the paper uses
@@ -368,4 +372,5 @@ class MMInterleavedConfig:
                 mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=1.0, base_spatial_shape=16),
                 feature_levels=(0, 1, 2, 3),
             ),
+            gradient_checkpointing=True,
         )

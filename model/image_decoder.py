@@ -13,6 +13,8 @@
   probability ``condition_dropout`` in training and drives the unconditional branch when sampling.
 - Training timesteps: uniform as in Stable Diffusion, or drawn more often from the noisy end
   (``DecoderConfig.timestep_bias``; the presets built from scratch use 1).
+- Memory: :meth:`ImageDecoder.enable_gradient_checkpointing` recomputes the UNet's blocks, each MMFS skip and
+  the condition resampler in the backward.
 
 Where the release gives the UNet only the immediately preceding image, weft gives it every
 previous image of the document, weighted by the same joint softmax and relative position as the LLM.
@@ -28,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from model.condition import Condition, LayerMix, build_condition_encoder
+from model.condition import Condition, LayerMix, ResampledCondition, build_condition_encoder
 from model.config import DecoderConfig, MMFSConfig
 from model.mmfs import MMFS, ImageFeatures, grid_reference_points, sincos_2d
 
@@ -135,6 +138,7 @@ class ImageDecoder(nn.Module):
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_size = (self.unet.config.sample_size * self.latent_scale,) * 2
         self._context: DecoderContext | None = None
+        self.gradient_checkpointing = False
 
         self.skip_mmfs = nn.ModuleList()
         self.mid_mmfs: SkipMMFS | None = None
@@ -161,7 +165,7 @@ class ImageDecoder(nn.Module):
             hidden, skips = output
             if len(skips) != count:
                 raise RuntimeError(f"down block produced {len(skips)} skip tensors, expected {count}")
-            skips = tuple(s + self.skip_mmfs[start + i](s, self._context) for i, s in enumerate(skips))
+            skips = tuple(s + self._skip_residual(self.skip_mmfs[start + i], s) for i, s in enumerate(skips))
             return hidden, skips
 
         return hook
@@ -169,7 +173,22 @@ class ImageDecoder(nn.Module):
     def _mid_block_hook(self, module, args, output):
         if self._context is None:
             return output
-        return output + self.mid_mmfs(output, self._context)
+        return output + self._skip_residual(self.mid_mmfs, output)
+
+    def _skip_residual(self, block: SkipMMFS, feature: Tensor) -> Tensor:
+        """``block``'s residual for ``feature``, recomputed in the backward under gradient checkpointing (the
+        checkpoint keeps the context it was called with: the backward runs after :meth:`_mmfs_context` has ended)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, feature, self._context, use_reentrant=False)
+        return block(feature, self._context)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute in the backward: the UNet's blocks (diffusers' own checkpointing), each MMFS skip and the
+        condition resampler's layers."""
+        self.unet.enable_gradient_checkpointing()
+        self.gradient_checkpointing = True
+        if isinstance(self.condition, ResampledCondition):
+            self.condition.resampler.gradient_checkpointing = True
 
     @contextmanager
     def _mmfs_context(self, context: DecoderContext | None) -> Iterator[None]:

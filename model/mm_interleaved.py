@@ -100,6 +100,9 @@ class MMInterleaved(nn.Module):
         )
         num_llm_states = llm.config.num_hidden_layers + 1 if config.decoder.condition_layers == "all" else 1
         self.decoder = ImageDecoder(config.decoder, hidden_size, feature_dim, len(config.decoder.feature_levels), num_llm_states)
+        if config.gradient_checkpointing:
+            for part in (self.vision, self.language, self.decoder):
+                part.enable_gradient_checkpointing()
 
     @classmethod
     def from_config(cls, config: MMInterleavedConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> "MMInterleaved":

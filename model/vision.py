@@ -135,6 +135,11 @@ class ImageTokenizer(nn.Module):
     def feature_channels(self) -> int:
         return self.config.pyramid_channels
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the resampler's layers in the backward. The frozen ViT runs under ``no_grad`` and keeps no
+        activations, so there is nothing of it to recompute."""
+        self.resampler.gradient_checkpointing = True
+
     def forward(self, images: Tensor) -> VisionOutput:
         """``images: (K, 3, H, W)`` in ``[0, 1]``."""
         # 1. frozen ViT on CLIP-normalised images at its own resolution

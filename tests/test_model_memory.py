@@ -1,0 +1,84 @@
+"""What the model does to fit the paper's scale: gradient checkpointing, UNet micro-batches and a UNet MMFS that
+reads only the images each generated image can see. Each changes memory, never the numbers."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.config import MMInterleavedConfig, ResamplerConfig
+from model.mm_interleaved import MMInterleaved
+from model.mmfs import MMFS
+from tiny_inputs import tiny_batch, tiny_tokenizer
+
+
+def build(config: MMInterleavedConfig, state: dict | None = None) -> MMInterleaved:
+    """A tiny model with live MMFS everywhere, ``state``'s weights if given: open gates, moved zero convolutions, and
+    offsets and attention logits that depend on the query (so on each image's relative position), as after training."""
+    torch.manual_seed(0)
+    model = MMInterleaved.from_config(config, tiny_tokenizer()).train()
+    if state is not None:
+        model.load_state_dict(state)
+        return model
+    with torch.no_grad():
+        for block in model.language.mmfs_blocks.values():
+            block.gate.fill_(0.5)
+        for block in [*model.decoder.skip_mmfs, model.decoder.mid_mmfs]:
+            torch.nn.init.normal_(block.zero_conv.weight, std=0.1)
+            torch.nn.init.normal_(block.mmfs.output_proj.bias, std=0.1)
+        for mmfs in (m for m in model.modules() if isinstance(m, MMFS)):
+            torch.nn.init.normal_(mmfs.sampling_offsets.weight, std=0.05)
+            torch.nn.init.normal_(mmfs.attention_logits.weight, std=0.5)
+            torch.nn.init.normal_(mmfs.relative_position.weight, std=1.0)
+    return model
+
+
+def loss_and_grads(model: MMInterleaved, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's loss and gradients; the diffusion noise, timesteps and condition dropout drawn from seed 0."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    out = model(batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(expected, got) -> None:
+    """Same loss and gradients up to float32 rounding (another batch size or order of a sum: ~1e-6 of a gradient's
+    largest element)."""
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    assert got[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The tiny model without any memory option, its batch and its step."""
+    model = build(MMInterleavedConfig.tiny())
+    batch = tiny_batch(model)
+    return model, batch, loss_and_grads(model, batch)
+
+
+@pytest.mark.parametrize("condition", [None, ResamplerConfig(num_queries=7, hidden_size=32, num_layers=2, num_heads=2)],
+                         ids=["per_token_condition", "resampled_condition"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(reference, condition):
+    model, batch, expected = reference
+    config = MMInterleavedConfig.tiny()
+    if condition is not None:  # the paper's condition resampler (checkpointed too)
+        config.decoder = dataclasses.replace(config.decoder, condition=condition)
+        model = build(config)
+        expected = loss_and_grads(model, batch)
+    checkpointed = build(dataclasses.replace(config, gradient_checkpointing=True), model.state_dict())
+    assert checkpointed.language.llm.model.layers[0].gradient_checkpointing
+    assert checkpointed.decoder.unet.down_blocks[0].gradient_checkpointing
+    assert checkpointed.vision.resampler.gradient_checkpointing and checkpointed.decoder.gradient_checkpointing
+    assert condition is None or checkpointed.decoder.condition.resampler.gradient_checkpointing
+    recomputed = []  # the MMFS hooks inside a checkpointed LLM layer run again in the backward
+    checkpointed.language.mmfs_blocks["0"].register_forward_hook(lambda *_: recomputed.append(torch.is_grad_enabled()))
+    got = loss_and_grads(checkpointed, batch)
+    assert len(recomputed) == 2
+    assert_same_step(expected, got)
+    assert {n for n, g in got[1].items() if g.abs().sum() > 0} >= {
+        "language.mmfs_blocks.0.mmfs.value_proj.weight", "decoder.skip_mmfs.0.mmfs.value_proj.weight",
+        "vision.resampler.queries", "decoder.unet.conv_in.weight",
+    }
