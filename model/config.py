@@ -164,6 +164,10 @@ class DecoderConfig:
     decided and the condition matters most (the aim of P2 weighting, Choi et al. 2022, reached by sampling instead of
     loss weights). See :mod:`model.condition` for what it did to a decoder trained from scratch."""
     freeze_unet: bool = False
+    unet_micro_batch: int | None = None
+    """Trained images per UNet call in the diffusion loss (``None``: all of a batch's in one call). Noise, timesteps
+    and condition dropout are drawn for all images first, so the loss does not depend on it; what it bounds is the
+    memory of one call (and, with gradient checkpointing, of one recomputation in the backward)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.condition, dict):
@@ -181,6 +185,8 @@ class DecoderConfig:
             raise ValueError(f"condition_rms must be > 0, got {self.condition_rms}")
         if self.timestep_bias < 0:
             raise ValueError(f"decoder.timestep_bias must be >= 0, got {self.timestep_bias}")
+        if self.unet_micro_batch is not None and self.unet_micro_batch < 1:
+            raise ValueError(f"decoder.unet_micro_batch must be >= 1 or None, got {self.unet_micro_batch}")
 
 
 @dataclass(frozen=True)

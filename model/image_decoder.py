@@ -13,8 +13,9 @@
   probability ``condition_dropout`` in training and drives the unconditional branch when sampling.
 - Training timesteps: uniform as in Stable Diffusion, or drawn more often from the noisy end
   (``DecoderConfig.timestep_bias``; the presets built from scratch use 1).
-- Memory: :meth:`ImageDecoder.enable_gradient_checkpointing` recomputes the UNet's blocks, each MMFS skip and
-  the condition resampler in the backward.
+- Memory: the diffusion loss runs the UNet on at most ``DecoderConfig.unet_micro_batch`` images per call, and
+  :meth:`ImageDecoder.enable_gradient_checkpointing` recomputes the UNet's blocks, each MMFS skip and the
+  condition resampler in the backward.
 
 Where the release gives the UNet only the immediately preceding image, weft gives it every
 previous image of the document, weighted by the same joint softmax and relative position as the LLM.
@@ -50,6 +51,12 @@ class DecoderContext:
     features: ImageFeatures
     visible: Tensor
     relative_position: Tensor
+
+    def __getitem__(self, items: slice) -> "DecoderContext":
+        """The context of ``items`` of the N images (views, no copy)."""
+        f = self.features
+        return DecoderContext(ImageFeatures(f.values[items], f.spatial_shapes, f.level_start_index),
+                              self.visible[items], self.relative_position[items])
 
     def repeat(self, times: int) -> "DecoderContext":
         f = self.features
@@ -246,8 +253,13 @@ class ImageDecoder(nn.Module):
         if self.training and self.config.condition_dropout > 0:
             drop = torch.rand(len(condition), device=latents.device) < self.config.condition_dropout
             condition = condition.where(drop, self.negative(len(condition)))
-        # 3. noise prediction
-        prediction = self.unet_forward(noisy, timesteps, condition, context)
+        # 3. noise prediction, at most `unet_micro_batch` images per UNet call
+        n = latents.shape[0]
+        size = self.config.unet_micro_batch or max(n, 1)
+        prediction = torch.cat([
+            self.unet_forward(noisy[part], timesteps[part], condition[part], None if context is None else context[part])
+            for part in (slice(i, i + size) for i in range(0, n, size))
+        ])
         if self.train_scheduler.config.prediction_type == "v_prediction":
             target = self.train_scheduler.get_velocity(latents, noise, timesteps)
         else:

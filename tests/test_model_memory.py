@@ -82,3 +82,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(reference, con
         "language.mmfs_blocks.0.mmfs.value_proj.weight", "decoder.skip_mmfs.0.mmfs.value_proj.weight",
         "vision.resampler.queries", "decoder.unet.conv_in.weight",
     }
+
+
+@pytest.mark.parametrize("micro_batch", [1, 3])
+def test_unet_micro_batches_give_the_same_loss_and_gradients(reference, micro_batch):
+    model, batch, expected = reference
+    tiny = MMInterleavedConfig.tiny()
+    config = dataclasses.replace(tiny, decoder=dataclasses.replace(tiny.decoder, unet_micro_batch=micro_batch))
+    micro = build(config, model.state_dict())
+    calls = []
+    micro.decoder.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    got = loss_and_grads(micro, batch)
+    assert sum(calls) == 4 and max(calls) == micro_batch  # 2 rows x 2 images with text before them
+    assert_same_step(expected, got)
