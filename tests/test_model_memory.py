@@ -6,10 +6,13 @@ import dataclasses
 import pytest
 import torch
 
+from model.batch import InterleavedBatch, encode_document
+from model.condition import Condition
 from model.config import MMInterleavedConfig, ResamplerConfig
+from model.image_decoder import DecoderContext
 from model.mm_interleaved import MMInterleaved
-from model.mmfs import MMFS
-from tiny_inputs import tiny_batch, tiny_tokenizer
+from model.mmfs import MMFS, ImageFeatures
+from tiny_inputs import square_image, tiny_batch, tiny_tokenizer
 
 
 def build(config: MMInterleavedConfig, state: dict | None = None) -> MMInterleaved:
@@ -95,3 +98,60 @@ def test_unet_micro_batches_give_the_same_loss_and_gradients(reference, micro_ba
     got = loss_and_grads(micro, batch)
     assert sum(calls) == 4 and max(calls) == micro_batch  # 2 rows x 2 images with text before them
     assert_same_step(expected, got)
+
+
+def all_slots_context(model: MMInterleaved, vision, layout, targets) -> DecoderContext:
+    """The decoder context as it was before it kept only visible images: every image slot of the target's row."""
+    f = model._row_features(vision.feature_maps, model.config.decoder.feature_levels, layout)
+    rows = layout.row[targets]
+    slots = torch.arange(layout.row_images.shape[1])
+    visible = (layout.slot_valid[rows] & (layout.slot_document[rows] == layout.document[targets][:, None])
+               & (slots[None] < layout.slot[targets][:, None]))
+    counts = visible.long()
+    relative = counts.flip(-1).cumsum(-1).flip(-1) * counts
+    return DecoderContext(ImageFeatures(f.values[rows], f.spatial_shapes, f.level_start_index), visible, relative)
+
+
+def three_document_row(model: MMInterleaved) -> InterleavedBatch:
+    """One row: a story of three images with text before each, a caption after its image, a caption before it."""
+    size = model.image_size[0]
+    docs = [
+        ["a red square", square_image("red", size), "then a blue one", square_image("blue", size), "and green",
+         square_image("green", size, offset=2), "the end."],
+        [square_image("yellow", size), "a yellow square."],
+        ["a blue square", square_image("blue", size, offset=3)],
+    ]
+    ids, doc_ids, images = [], [], []
+    for index, elements in enumerate(docs):
+        tokens, doc_images = encode_document(model.tokenizer, elements, model.boi_token_id, model.image_token_id,
+                                             model.num_visual_tokens, (size, size))
+        ids, doc_ids, images = ids + tokens, doc_ids + [index] * len(tokens), images + doc_images
+    return InterleavedBatch(torch.tensor([ids]), torch.tensor([doc_ids]), torch.stack(images))
+
+
+def test_unet_mmfs_samples_only_visible_images_with_the_same_result(reference):
+    model = reference[0]
+    batch = three_document_row(model)
+    layout = model._layout(batch.input_ids, batch.document_ids)
+    targets = model._image_has_context(batch, layout).nonzero(as_tuple=True)[0]
+    condition = Condition(torch.randn(len(targets), 5, 32), torch.ones(len(targets), 5, dtype=torch.bool))
+    slots_sampled = []
+    model.decoder.skip_mmfs[0].mmfs.register_forward_pre_hook(lambda module, args: slots_sampled.append(args[2].values.shape[1]))
+    losses = []
+    with torch.no_grad():
+        vision = model.vision(batch.images)
+        for context in (all_slots_context(model, vision, layout, targets), model._decoder_context(vision, layout, targets)):
+            torch.manual_seed(0)
+            losses.append(model.decoder.loss(batch.images[targets], condition, context))
+    assert slots_sampled == [5, 2]  # the row holds 5 images; a trained image sees at most 2 earlier ones
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_unet_mmfs_keeps_one_invisible_slot_when_no_trained_image_sees_an_earlier_one(reference):
+    """So every batch with trained images has the same autograd graph (ZeRO-2 reduces gradients in graph order)."""
+    model, batch, _ = reference
+    layout = model._layout(batch.input_ids, batch.document_ids)
+    first_images = torch.tensor([0, 3])  # the first image of each row: nothing before it in its document
+    with torch.no_grad():
+        context = model._decoder_context(model.vision(batch.images), layout, first_images)
+    assert context.features.values.shape[:2] == (2, 1) and not context.visible.any()
