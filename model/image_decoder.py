@@ -218,10 +218,21 @@ class ImageDecoder(nn.Module):
         return Condition(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
 
     # latents --------------------------------------------------------------------------------
-    def encode_images(self, images: Tensor) -> Tensor:
-        """``(N, 3, H, W)`` in ``[0, 1]`` -> scaled latents (the VAE is frozen)."""
+    def encode_images(self, images: Tensor, micro_batch: int | None = None) -> Tensor:
+        """``(N, 3, H, W)`` in ``[0, 1]`` -> scaled latents sampled from the posterior (the VAE is frozen), at most
+        ``micro_batch`` images per VAE call (``None``: all), contiguous.
+
+        The posterior's noise is drawn for all images at once (as ``latent_dist.sample()`` draws it for one call), and
+        the latents are made contiguous: PyTorch's CPU convolutions return channels-last maps for some batch sizes and
+        not others, and ``randn_like`` (the diffusion noise) fills a tensor in memory order. So the latents and the
+        noise do not depend on ``micro_batch``.
+        """
+        size = micro_batch or max(len(images), 1)
         with torch.no_grad():
-            latents = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist.sample()
+            posteriors = [self.vae.encode(part.to(self.vae.dtype) * 2 - 1).latent_dist for part in images.split(size)]
+            mean = torch.cat([p.mean for p in posteriors]).contiguous()
+            std = torch.cat([p.std for p in posteriors]).contiguous()
+            latents = mean + std * torch.randn_like(mean)
         return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -245,7 +256,7 @@ class ImageDecoder(nn.Module):
     def loss(self, images: Tensor, condition: Condition, context: DecoderContext | None) -> Tensor:
         """Per-image diffusion loss ``(N,)`` for ``images (N, 3, H, W)`` in ``[0, 1]``."""
         # 1. latents, noise, timesteps
-        latents = self.encode_images(images)
+        latents = self.encode_images(images, self.config.unet_micro_batch)
         noise = torch.randn_like(latents)
         timesteps = self.training_timesteps(latents.shape[0], latents.device)
         noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
