@@ -218,8 +218,9 @@ class MMInterleavedConfig:
     image_loss_weight: float = 10.0
     gradient_checkpointing: bool = False
     """Recompute activations in the backward instead of keeping them: the LLM's decoder layers (their MMFS
-    included), every resampler layer, the UNet's blocks and its MMFS skips. Same losses and gradients, about one
-    more forward of compute. The frozen ViT runs without autograd and keeps no activations either way."""
+    included), the vision pyramid's levels, every resampler layer, the UNet's blocks and its MMFS skips. Same losses
+    and gradients, about one more forward of compute. The frozen ViT runs without autograd and keeps no activations
+    either way."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
