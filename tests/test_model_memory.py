@@ -37,7 +37,7 @@ def build(config: MMInterleavedConfig, state: dict | None = None) -> MMInterleav
 
 
 def loss_and_grads(model: MMInterleaved, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training step's loss and gradients; the diffusion noise, timesteps and condition dropout drawn from seed 0."""
+    """One training step's loss and gradients; noise, timesteps and condition dropout drawn from seed 0."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     out = model(batch)
@@ -137,11 +137,13 @@ def test_unet_mmfs_samples_only_visible_images_with_the_same_result(reference):
     targets = model._image_has_context(batch, layout).nonzero(as_tuple=True)[0]
     condition = Condition(torch.randn(len(targets), 5, 32), torch.ones(len(targets), 5, dtype=torch.bool))
     slots_sampled = []
-    model.decoder.skip_mmfs[0].mmfs.register_forward_pre_hook(lambda module, args: slots_sampled.append(args[2].values.shape[1]))
+    model.decoder.skip_mmfs[0].mmfs.register_forward_pre_hook(
+        lambda module, args: slots_sampled.append(args[2].values.shape[1]))
     losses = []
     with torch.no_grad():
         vision = model.vision(batch.images)
-        for context in (all_slots_context(model, vision, layout, targets), model._decoder_context(vision, layout, targets)):
+        contexts = (all_slots_context(model, vision, layout, targets), model._decoder_context(vision, layout, targets))
+        for context in contexts:
             torch.manual_seed(0)
             losses.append(model.decoder.loss(batch.images[targets], condition, context))
     assert slots_sampled == [5, 2]  # the row holds 5 images; a trained image sees at most 2 earlier ones
