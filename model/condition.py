@@ -78,6 +78,10 @@ class Condition:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def __getitem__(self, items: slice) -> "Condition":
+        """The condition of ``items`` of the N items (views, no copy)."""
+        return Condition(self.tokens[items], self.mask[items])
+
     def detach(self) -> "Condition":
         return Condition(self.tokens.detach(), self.mask)
 

@@ -12,8 +12,10 @@ Presets:
 - :meth:`MMInterleavedConfig.small`: the same built wider and at 64 px (~6M parameters, ~3x tiny's step time);
   the sample world's quality recipe.
 - :meth:`MMInterleavedConfig.paper`: the paper's sizes (Tab. 9) with the frozen parts (CLIP ViT,
-  the LLM, Stable Diffusion's UNet/VAE/scheduler) loaded from *local* paths. No code path
-  downloads anything.
+  the LLM, Stable Diffusion's UNet/VAE/scheduler) loaded from *local* paths, gradient checkpointing on
+  and UNet micro-batches of 8 images. No code path downloads anything.
+- :meth:`MMInterleavedConfig.paper_architecture`: ``paper`` with random weights in the published shapes,
+  for memory and FLOP planning (:mod:`pipelines.training.budget`).
 """
 
 from __future__ import annotations
@@ -164,6 +166,10 @@ class DecoderConfig:
     decided and the condition matters most (the aim of P2 weighting, Choi et al. 2022, reached by sampling instead of
     loss weights). See :mod:`model.condition` for what it did to a decoder trained from scratch."""
     freeze_unet: bool = False
+    unet_micro_batch: int | None = None
+    """Trained images per UNet call in the diffusion loss (``None``: all of a batch's in one call). Noise, timesteps
+    and condition dropout are drawn for all images first, so the loss does not depend on it; what it bounds is the
+    memory of one call (and, with gradient checkpointing, of one recomputation in the backward)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.condition, dict):
@@ -181,6 +187,8 @@ class DecoderConfig:
             raise ValueError(f"condition_rms must be > 0, got {self.condition_rms}")
         if self.timestep_bias < 0:
             raise ValueError(f"decoder.timestep_bias must be >= 0, got {self.timestep_bias}")
+        if self.unet_micro_batch is not None and self.unet_micro_batch < 1:
+            raise ValueError(f"decoder.unet_micro_batch must be >= 1 or None, got {self.unet_micro_batch}")
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,11 @@ class MMInterleavedConfig:
     decoder: DecoderConfig
     text_loss_weight: float = 1.0
     image_loss_weight: float = 10.0
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward instead of keeping them: the LLM's decoder layers (their MMFS
+    included), the vision pyramid's levels, every resampler layer, the UNet's blocks and its MMFS skips. Same losses
+    and gradients, about one more forward of compute. The frozen ViT runs without autograd and keeps no activations
+    either way."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -339,7 +352,9 @@ class MMInterleavedConfig:
         tokenizer_path: str | None = None,
         num_visual_tokens: int = 64,
     ) -> "MMInterleavedConfig":
-        """Tab. 9: CLIP ViT-L/14 + Vicuna-13B + SD 2.1, all loaded from local paths.
+        """Tab. 9: CLIP ViT-L/14 + Vicuna-13B + SD 2.1, all loaded from local paths; gradient checkpointing on and
+        UNet micro-batches of 8 images (``python -m pipelines.training.budget`` plans its memory: it fits 80 GB GPUs
+        with checkpointing, not without).
 
         ``clip_checkpoint`` is required: the ViT is frozen, so a random one would stay random. The default
         ``clip_model`` is OpenAI's ViT-L/14 (QuickGELU), whose weights the paper uses
@@ -347,6 +362,32 @@ class MMInterleavedConfig:
         """
         if not clip_checkpoint:
             raise ValueError("the paper preset needs clip_checkpoint: its frozen ViT must be pretrained weights")
+        return cls._paper(
+            dict(llm_path=llm_path, tokenizer_path=tokenizer_path),
+            dict(diffusion_path=diffusion_path),
+            clip_model,
+            clip_checkpoint,
+            num_visual_tokens,
+        )
+
+    @classmethod
+    def paper_architecture(cls, num_visual_tokens: int = 64) -> "MMInterleavedConfig":
+        """The :meth:`paper` preset with every pretrained part randomly initialised in its published shape
+        (:data:`VICUNA_13B`, :data:`SD21_BASE_UNET` / ``_VAE`` / ``_SCHEDULER``, open_clip's ViT-L-14-quickgelu): no
+        file is read. For planning memory and compute (:mod:`pipelines.training.budget`), never for training: its
+        frozen ViT is random."""
+        return cls._paper(
+            dict(llm_config=VICUNA_13B),
+            dict(unet_config=SD21_BASE_UNET, vae_config=SD21_BASE_VAE, scheduler_config=SD21_BASE_SCHEDULER),
+            "ViT-L-14-quickgelu",
+            None,
+            num_visual_tokens,
+        )
+
+    @classmethod
+    def _paper(cls, llm: dict[str, Any], diffusion: dict[str, Any], clip_model: str | dict[str, Any],
+               clip_checkpoint: str | None, num_visual_tokens: int) -> "MMInterleavedConfig":
+        """The paper's sizes around the LLM (``LanguageConfig`` source fields) and diffusion model (``DecoderConfig``'s)."""
         return cls(
             vision=VisionConfig(
                 clip_model=clip_model,
@@ -355,17 +396,67 @@ class MMInterleavedConfig:
                 resampler=ResamplerConfig(num_queries=num_visual_tokens, hidden_size=768, num_layers=12, num_heads=12, output_init_std=1e-3),
             ),
             language=LanguageConfig(
-                llm_path=llm_path,
-                tokenizer_path=tokenizer_path,
+                **llm,
                 freeze_llm=True,
                 cross_attention_frequency=4,
                 mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=3.0, base_spatial_shape=16),
                 feature_levels=(1, 2, 3),
             ),
             decoder=DecoderConfig(
-                diffusion_path=diffusion_path,
+                **diffusion,
                 condition=ResamplerConfig(num_queries=77, hidden_size=1024, num_layers=1, num_heads=16),
                 mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=1.0, base_spatial_shape=16),
                 feature_levels=(0, 1, 2, 3),
+                unet_micro_batch=8,  # python -m pipelines.training.budget: the lowest activation peak of 1, 4, 8 and all (30)
             ),
+            gradient_checkpointing=True,
         )
+
+
+# The published architectures of the paper preset's pretrained parts (their config.json files on the Hugging Face
+# hub: lmsys/vicuna-13b-v1.3 and stabilityai/stable-diffusion-2-1-base), for MMInterleavedConfig.paper_architecture.
+VICUNA_13B: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+SD21_BASE_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+    "norm_num_groups": 32,
+}
+SD21_BASE_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD21_BASE_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}

@@ -13,6 +13,9 @@
   probability ``condition_dropout`` in training and drives the unconditional branch when sampling.
 - Training timesteps: uniform as in Stable Diffusion, or drawn more often from the noisy end
   (``DecoderConfig.timestep_bias``; the presets built from scratch use 1).
+- Memory: the diffusion loss runs the UNet on at most ``DecoderConfig.unet_micro_batch`` images per call, and
+  :meth:`ImageDecoder.enable_gradient_checkpointing` recomputes the UNet's blocks, each MMFS skip and the
+  condition resampler in the backward.
 
 Where the release gives the UNet only the immediately preceding image, weft gives it every
 previous image of the document, weighted by the same joint softmax and relative position as the LLM.
@@ -28,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from model.condition import Condition, LayerMix, build_condition_encoder
+from model.condition import Condition, LayerMix, ResampledCondition, build_condition_encoder
 from model.config import DecoderConfig, MMFSConfig
 from model.mmfs import MMFS, ImageFeatures, grid_reference_points, sincos_2d
 
@@ -47,6 +51,12 @@ class DecoderContext:
     features: ImageFeatures
     visible: Tensor
     relative_position: Tensor
+
+    def __getitem__(self, items: slice) -> "DecoderContext":
+        """The context of ``items`` of the N images (views, no copy)."""
+        f = self.features
+        return DecoderContext(ImageFeatures(f.values[items], f.spatial_shapes, f.level_start_index),
+                              self.visible[items], self.relative_position[items])
 
     def repeat(self, times: int) -> "DecoderContext":
         f = self.features
@@ -135,6 +145,7 @@ class ImageDecoder(nn.Module):
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_size = (self.unet.config.sample_size * self.latent_scale,) * 2
         self._context: DecoderContext | None = None
+        self.gradient_checkpointing = False
 
         self.skip_mmfs = nn.ModuleList()
         self.mid_mmfs: SkipMMFS | None = None
@@ -161,7 +172,7 @@ class ImageDecoder(nn.Module):
             hidden, skips = output
             if len(skips) != count:
                 raise RuntimeError(f"down block produced {len(skips)} skip tensors, expected {count}")
-            skips = tuple(s + self.skip_mmfs[start + i](s, self._context) for i, s in enumerate(skips))
+            skips = tuple(s + self._skip_residual(self.skip_mmfs[start + i], s) for i, s in enumerate(skips))
             return hidden, skips
 
         return hook
@@ -169,7 +180,22 @@ class ImageDecoder(nn.Module):
     def _mid_block_hook(self, module, args, output):
         if self._context is None:
             return output
-        return output + self.mid_mmfs(output, self._context)
+        return output + self._skip_residual(self.mid_mmfs, output)
+
+    def _skip_residual(self, block: SkipMMFS, feature: Tensor) -> Tensor:
+        """``block``'s residual for ``feature``, recomputed in the backward under gradient checkpointing (the
+        checkpoint keeps the context it was called with: the backward runs after :meth:`_mmfs_context` has ended)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, feature, self._context, use_reentrant=False)
+        return block(feature, self._context)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute in the backward: the UNet's blocks (diffusers' own checkpointing), each MMFS skip and the
+        condition resampler's layers."""
+        self.unet.enable_gradient_checkpointing()
+        self.gradient_checkpointing = True
+        if isinstance(self.condition, ResampledCondition):
+            self.condition.resampler.gradient_checkpointing = True
 
     @contextmanager
     def _mmfs_context(self, context: DecoderContext | None) -> Iterator[None]:
@@ -192,10 +218,21 @@ class ImageDecoder(nn.Module):
         return Condition(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
 
     # latents --------------------------------------------------------------------------------
-    def encode_images(self, images: Tensor) -> Tensor:
-        """``(N, 3, H, W)`` in ``[0, 1]`` -> scaled latents (the VAE is frozen)."""
+    def encode_images(self, images: Tensor, micro_batch: int | None = None) -> Tensor:
+        """``(N, 3, H, W)`` in ``[0, 1]`` -> scaled latents sampled from the posterior (the VAE is frozen), at most
+        ``micro_batch`` images per VAE call (``None``: all), contiguous.
+
+        The posterior's noise is drawn for all images at once (as ``latent_dist.sample()`` draws it for one call), and
+        the latents are made contiguous: PyTorch's CPU convolutions return channels-last maps for some batch sizes and
+        not others, and ``randn_like`` (the diffusion noise) fills a tensor in memory order. So the latents and the
+        noise do not depend on ``micro_batch``.
+        """
+        size = micro_batch or max(len(images), 1)
         with torch.no_grad():
-            latents = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist.sample()
+            posteriors = [self.vae.encode(part.to(self.vae.dtype) * 2 - 1).latent_dist for part in images.split(size)]
+            mean = torch.cat([p.mean for p in posteriors]).contiguous()
+            std = torch.cat([p.std for p in posteriors]).contiguous()
+            latents = mean + std * torch.randn_like(mean)
         return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -219,7 +256,7 @@ class ImageDecoder(nn.Module):
     def loss(self, images: Tensor, condition: Condition, context: DecoderContext | None) -> Tensor:
         """Per-image diffusion loss ``(N,)`` for ``images (N, 3, H, W)`` in ``[0, 1]``."""
         # 1. latents, noise, timesteps
-        latents = self.encode_images(images)
+        latents = self.encode_images(images, self.config.unet_micro_batch)
         noise = torch.randn_like(latents)
         timesteps = self.training_timesteps(latents.shape[0], latents.device)
         noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
@@ -227,8 +264,13 @@ class ImageDecoder(nn.Module):
         if self.training and self.config.condition_dropout > 0:
             drop = torch.rand(len(condition), device=latents.device) < self.config.condition_dropout
             condition = condition.where(drop, self.negative(len(condition)))
-        # 3. noise prediction
-        prediction = self.unet_forward(noisy, timesteps, condition, context)
+        # 3. noise prediction, at most `unet_micro_batch` images per UNet call
+        n = latents.shape[0]
+        size = self.config.unet_micro_batch or max(n, 1)
+        prediction = torch.cat([
+            self.unet_forward(noisy[part], timesteps[part], condition[part], None if context is None else context[part])
+            for part in (slice(i, i + size) for i in range(0, n, size))
+        ])
         if self.train_scheduler.config.prediction_type == "v_prediction":
             target = self.train_scheduler.get_velocity(latents, noise, timesteps)
         else:

@@ -13,6 +13,12 @@ the LLM's ``forward`` (transformers passes extra keyword arguments down to every
 and attention module), so hooks read it from their call's kwargs: no globals and no state left
 on the module, and gradient checkpointing's recomputation sees the same context.
 
+Under gradient checkpointing (:meth:`MMFSLanguageModel.enable_gradient_checkpointing`) transformers
+checkpoints each decoder layer's ``forward``, not its ``__call__``: hook 1 runs once, in the forward,
+while hook 2 (inside the layer) runs again when the backward recomputes the layer. So hook 2 reads the
+recorded input and leaves it in the context for the recomputation; it is the layer's own input, which
+the checkpoint keeps for the backward anyway.
+
 New tokens (``<BoI>``, the image placeholder) get their own trainable embedding rows and output
 head rows, so the base LLM can stay frozen (the paper).
 """
@@ -40,7 +46,8 @@ class MMFSContext:
         features: image slots per sequence, values ``(B, K, S, C)`` (the LLM's pyramid levels).
         visible: ``(B, T, K)`` bool, the images each of the T (new) tokens may see.
         relative_position: ``(B, T, K)`` int64, 1 = most recent visible image, 0 = invisible.
-        layer_inputs: filled during the forward: decoder-layer index -> its input hidden states.
+        layer_inputs: filled during the forward: decoder-layer index -> its input hidden states (kept until the
+            context is dropped: a checkpointed layer's recomputation reads it again).
     """
 
     features: ImageFeatures
@@ -166,11 +173,15 @@ class MMFSLanguageModel(nn.Module):
             if context is None:
                 return output
             attention_out = output[0] if isinstance(output, tuple) else output
-            residual = context.layer_inputs.pop(index)
+            residual = context.layer_inputs[index]
             mixed = attention_out + self.mmfs_blocks[str(index)](residual + attention_out, context)
             return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
         return hook
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer (its MMFS block included) in the backward (non-reentrant checkpoints)."""
+        self.llm.activation_checkpointing_enable({"use_reentrant": False})
 
     # embeddings and logits ------------------------------------------------------------------
     def embed_tokens(self, input_ids: Tensor) -> Tensor:

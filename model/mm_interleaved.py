@@ -100,6 +100,9 @@ class MMInterleaved(nn.Module):
         )
         num_llm_states = llm.config.num_hidden_layers + 1 if config.decoder.condition_layers == "all" else 1
         self.decoder = ImageDecoder(config.decoder, hidden_size, feature_dim, len(config.decoder.feature_levels), num_llm_states)
+        if config.gradient_checkpointing:
+            for part in (self.vision, self.language, self.decoder):
+                part.enable_gradient_checkpointing()
 
     @classmethod
     def from_config(cls, config: MMInterleavedConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> "MMInterleaved":
@@ -166,8 +169,14 @@ class MMInterleaved(nn.Module):
         return ImageFeatures(torch.zeros(batch_size, 0, len(levels), c, device=device), shapes, torch.arange(len(levels), device=device))
 
     def _decoder_context(self, vision: VisionOutput, layout: ImageLayout, targets: Tensor) -> DecoderContext:
-        """Previous images of the same document for each image index in ``targets (N,)``."""
-        row_features = self._row_features(vision.feature_maps, self.config.decoder.feature_levels, layout)
+        """Previous images of the same document for each image index in ``targets (N,)``: values ``(N, K_vis, S, C)``
+        with ``K_vis`` the most earlier images any target sees, not all ``K_max`` image slots of the rows.
+
+        Each target's visible images come first, in slot order (so relative positions are unchanged), and the
+        remaining slots are invisible zeros. ``K_vis`` is at least 1: a batch whose trained images see nothing then
+        still runs the UNet's MMFS (its weights get zero gradients), so every batch with trained images has the same
+        autograd graph, which ZeRO-2's gradient reduction needs on every rank.
+        """
         rows = layout.row[targets]
         k_max = layout.row_images.shape[1]
         slots = torch.arange(k_max, device=targets.device)
@@ -176,10 +185,16 @@ class MMInterleaved(nn.Module):
             & (layout.slot_document[rows] == layout.document[targets][:, None])
             & (slots[None] < layout.slot[targets][:, None])
         )
+        k_vis = max(int(visible.sum(-1).max()), 1)  # host-device sync, once per batch
+        order = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices[:, :k_vis]
+        visible = visible.gather(-1, order)
+        images = layout.row_images[rows].gather(-1, order)
         counts = visible.long()
         relative = counts.flip(-1).cumsum(-1).flip(-1) * counts
-        f = row_features
-        return DecoderContext(ImageFeatures(f.values[rows], f.spatial_shapes, f.level_start_index), visible, relative)
+        levels = self.config.decoder.feature_levels
+        flat, spatial_shapes, level_start_index = flatten_feature_maps([vision.feature_maps[i] for i in levels])  # (K, S, C)
+        values = flat[images.clamp(min=0)] * visible[..., None, None].to(flat.dtype)
+        return DecoderContext(ImageFeatures(values, spatial_shapes, level_start_index), visible, relative)
 
     def _condition_states(self, lm: LanguageModelOutput) -> Tensor:
         """The LLM states the decoder's condition reads: ``(B, T, S, D)``."""

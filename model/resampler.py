@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ResamplerConfig
 
@@ -34,11 +35,15 @@ class ResamplerLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """``inputs: (N, S, input_dim)`` -> ``(N, num_queries, output_dim)``."""
+    """``inputs: (N, S, input_dim)`` -> ``(N, num_queries, output_dim)``.
+
+    With ``gradient_checkpointing`` each layer is recomputed in the backward instead of keeping its activations.
+    """
 
     def __init__(self, config: ResamplerConfig, input_dim: int, output_dim: int) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False
         self.input_proj = nn.Linear(input_dim, config.hidden_size)
         self.queries = nn.Parameter(torch.randn(config.num_queries, config.hidden_size) * 0.02)
         self.layers = nn.ModuleList(
@@ -65,5 +70,8 @@ class PerceiverResampler(nn.Module):
         queries = self.queries.to(x.dtype).expand(x.shape[0], -1, -1)
         key_padding_mask = None if input_mask is None else ~input_mask
         for layer in self.layers:
-            queries = layer(queries, x, key_padding_mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                queries = checkpoint(layer, queries, x, key_padding_mask, use_reentrant=False)
+            else:
+                queries = layer(queries, x, key_padding_mask)
         return self.output_proj(self.norm_out(queries))

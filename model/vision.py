@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from model.clip_weights import load_clip_vision_weights, read_clip_vision_checkpoint
 from model.config import VisionConfig
@@ -125,6 +126,7 @@ class ImageTokenizer(nn.Module):
         self.resampler = PerceiverResampler(config.resampler, width, output_dim)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.gradient_checkpointing = False
 
     def train(self, mode: bool = True) -> "ImageTokenizer":
         super().train(mode)
@@ -134,6 +136,12 @@ class ImageTokenizer(nn.Module):
     @property
     def feature_channels(self) -> int:
         return self.config.pyramid_channels
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each pyramid level and the resampler's layers in the backward. The frozen ViT runs under
+        ``no_grad`` and keeps no activations, so there is nothing of it to recompute."""
+        self.gradient_checkpointing = True
+        self.resampler.gradient_checkpointing = True
 
     def forward(self, images: Tensor) -> VisionOutput:
         """``images: (K, 3, H, W)`` in ``[0, 1]``."""
@@ -145,7 +153,10 @@ class ImageTokenizer(nn.Module):
         with torch.no_grad():
             grid = self.vit.forward_intermediates(x, indices=1, intermediates_only=True)["image_intermediates"][-1]
         # 2. trainable pyramid over the patch grid (K, C, g, g)
-        maps = [level(grid) for level in self.pyramid]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            maps = [checkpoint(level, grid, use_reentrant=False) for level in self.pyramid]
+        else:
+            maps = [level(grid) for level in self.pyramid]
         # 3. resampler over the patch tokens
         tokens = self.resampler(grid.flatten(2).transpose(1, 2))
         return VisionOutput(visual_tokens=tokens, feature_maps=maps)
