@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from model.condition import Condition, LayerMix, ResampledCondition, build_condition_encoder
 from model.config import DecoderConfig, MMFSConfig
 from model.mmfs import MMFS, ImageFeatures, grid_reference_points, sincos_2d
+from model.recompute import maybe_checkpoint
 
 
 @dataclass
@@ -185,9 +185,7 @@ class ImageDecoder(nn.Module):
     def _skip_residual(self, block: SkipMMFS, feature: Tensor) -> Tensor:
         """``block``'s residual for ``feature``, recomputed in the backward under gradient checkpointing (the
         checkpoint keeps the context it was called with: the backward runs after :meth:`_mmfs_context` has ended)."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, feature, self._context, use_reentrant=False)
-        return block(feature, self._context)
+        return maybe_checkpoint(self.gradient_checkpointing, block, feature, self._context)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute in the backward: the UNet's blocks (diffusers' own checkpointing), each MMFS skip and the

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from model.config import ResamplerConfig
+from model.recompute import maybe_checkpoint
 
 
 class ResamplerLayer(nn.Module):
@@ -70,8 +70,5 @@ class PerceiverResampler(nn.Module):
         queries = self.queries.to(x.dtype).expand(x.shape[0], -1, -1)
         key_padding_mask = None if input_mask is None else ~input_mask
         for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                queries = checkpoint(layer, queries, x, key_padding_mask, use_reentrant=False)
-            else:
-                queries = layer(queries, x, key_padding_mask)
+            queries = maybe_checkpoint(self.gradient_checkpointing, layer, queries, x, key_padding_mask)
         return self.output_proj(self.norm_out(queries))

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from model.clip_weights import load_clip_vision_weights, read_clip_vision_checkpoint
 from model.config import VisionConfig
+from model.recompute import maybe_checkpoint
 from model.resampler import PerceiverResampler
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -153,10 +153,7 @@ class ImageTokenizer(nn.Module):
         with torch.no_grad():
             grid = self.vit.forward_intermediates(x, indices=1, intermediates_only=True)["image_intermediates"][-1]
         # 2. trainable pyramid over the patch grid (K, C, g, g)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            maps = [checkpoint(level, grid, use_reentrant=False) for level in self.pyramid]
-        else:
-            maps = [level(grid) for level in self.pyramid]
+        maps = [maybe_checkpoint(self.gradient_checkpointing, level, grid) for level in self.pyramid]
         # 3. resampler over the patch tokens
         tokens = self.resampler(grid.flatten(2).transpose(1, 2))
         return VisionOutput(visual_tokens=tokens, feature_maps=maps)
