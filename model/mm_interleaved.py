@@ -142,11 +142,17 @@ class MMInterleaved(nn.Module):
         return embeds.index_put((rows.reshape(-1), positions.reshape(-1)), tokens.reshape(-1, tokens.shape[-1]))
 
     @staticmethod
-    def _row_features(maps: list[Tensor], levels: Sequence[int], layout: ImageLayout) -> ImageFeatures:
-        """Selected pyramid levels of every image, gathered per row slot: values ``(B, K_max, S, C)``."""
-        flat, spatial_shapes, level_start_index = flatten_feature_maps([maps[i] for i in levels])  # (K, S, C)
-        values = flat[layout.row_images.clamp(min=0)] * layout.slot_valid[..., None, None].to(flat.dtype)
+    def _gathered_features(maps: list[Tensor], levels: Sequence[int], images: Tensor, valid: Tensor) -> ImageFeatures:
+        """Selected pyramid levels of the images ``images (..., K)`` (indices into the batch's images), zero where
+        ``valid (..., K)`` is False: values ``(..., K, S, C)``."""
+        flat, spatial_shapes, level_start_index = flatten_feature_maps([maps[i] for i in levels])  # (K_all, S, C)
+        values = flat[images.clamp(min=0)] * valid[..., None, None].to(flat.dtype)
         return ImageFeatures(values, spatial_shapes, level_start_index)
+
+    @classmethod
+    def _row_features(cls, maps: list[Tensor], levels: Sequence[int], layout: ImageLayout) -> ImageFeatures:
+        """Selected pyramid levels of every image, gathered per row slot: values ``(B, K_max, S, C)``."""
+        return cls._gathered_features(maps, levels, layout.row_images, layout.slot_valid)
 
     def _llm_context(self, document_ids: Tensor, positions: Tensor, layout: ImageLayout, vision: VisionOutput | None) -> MMFSContext | None:
         """MMFS context for the tokens at ``positions (B, Tq)`` with documents ``document_ids (B, Tq)``."""
@@ -191,10 +197,8 @@ class MMInterleaved(nn.Module):
         images = layout.row_images[rows].gather(-1, order)
         counts = visible.long()
         relative = counts.flip(-1).cumsum(-1).flip(-1) * counts
-        levels = self.config.decoder.feature_levels
-        flat, spatial_shapes, level_start_index = flatten_feature_maps([vision.feature_maps[i] for i in levels])  # (K, S, C)
-        values = flat[images.clamp(min=0)] * visible[..., None, None].to(flat.dtype)
-        return DecoderContext(ImageFeatures(values, spatial_shapes, level_start_index), visible, relative)
+        features = self._gathered_features(vision.feature_maps, self.config.decoder.feature_levels, images, visible)
+        return DecoderContext(features, visible, relative)
 
     def _condition_states(self, lm: LanguageModelOutput) -> Tensor:
         """The LLM states the decoder's condition reads: ``(B, T, S, D)``."""
