@@ -118,7 +118,7 @@ def test_pretraining_sequences_carry_no_masks_and_the_model_defaults_apply(tmp_p
     (sequence,) = pack_documents([story(), story("story2")], tok, CONFIG, images=IMAGES)
     sample = sequence.to_sample("k")
     assert sequence.loss_mask is None and "loss_mask.npy" not in sample
-    assert list(sample["json"]) == ["doc_ids", "parts", "offsets", "kinds", "num_images", "image_ext"]
+    assert list(sample["json"]) == ["doc_ids", "parts", "offsets", "kinds", "sources", "num_images", "image_ext"]
     batch = _load([sequence], tmp_path)
     assert batch.labels is None and batch.image_loss_mask is None
 

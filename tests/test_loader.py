@@ -89,3 +89,42 @@ def test_resampled_reads_epoch_samples_and_collate_checks_length(shard_set):
         collate_sequences(samples, pad_token_id=0, pad_to=4)
     batch = collate_sequences(samples, pad_token_id=0, pad_to=96)
     assert batch.input_ids.shape == (len(samples), 96)
+
+
+def _epoch_keys(urls, seed, rates):
+    dataset = sequence_dataset(urls, image_size=IMAGE_SIZE, shuffle_buffer=1, seed=seed, source_rates=rates)
+    return [sample["__key__"] for sample in dataset]
+
+
+def test_source_rates_repeat_and_drop_rows_by_their_corpus(shard_set):
+    _, sequences, urls = shard_set
+    sources_of = {f"seq{i:06d}": s.sources for i, s in enumerate(sequences)}
+    rates = {"laion": 2.5, "mmc4": 0.0}  # cc12m unlisted: 1
+    keys = _epoch_keys(urls, seed=3, rates=rates)
+    fractional = 0
+    for key, sources in sources_of.items():
+        rate = sum(rates.get(source, 1.0) for source in sources) / len(sources)  # a mixed row: the mean
+        assert keys.count(key) in (int(rate), int(rate) + 1), (key, sources)
+        if set(sources) == {"mmc4"}:
+            assert key not in keys  # rate 0 leaves the corpus out
+        if set(sources) == {"cc12m"}:
+            assert keys.count(key) == 1
+        if set(sources) == {"laion"}:
+            assert keys.count(key) in (2, 3)  # every row twice, a third time on its coin
+        fractional += rate - int(rate)
+    assert {"mmc4", "laion", "cc12m"} == {source for sources in sources_of.values() for source in sources}
+    extra = len(keys) - sum(int(sum(rates.get(s, 1.0) for s in v) / len(v)) for v in sources_of.values())
+    assert abs(extra - fractional) < 4 * fractional ** 0.5 + 1  # coins land heads at the fractional rates
+    # the same epoch seed draws the same coins (every rank, every resume); another epoch draws again
+    assert _epoch_keys(urls, seed=3, rates=rates) == keys
+    assert sorted(_epoch_keys(urls, seed=4, rates=rates)) != sorted(keys)
+
+
+def test_source_rates_need_rows_that_name_their_sources(tmp_path, shard_set):
+    _, sequences, _ = shard_set
+    sample = sequences[0].to_sample("old000")
+    del sample["json"]["sources"]  # a row packed before row format 2
+    index = write_shards([sample], tmp_path, maxcount=4, meta={})
+    with pytest.raises(ValueError, match=r"old000 has no 'sources'.*re-run packing"):
+        _epoch_keys(index.urls(tmp_path), seed=0, rates={"laion": 2})
+    assert _epoch_keys(index.urls(tmp_path), seed=0, rates={}) == ["old000"]  # without rates nothing reads them

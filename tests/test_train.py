@@ -77,6 +77,8 @@ def test_schedule_warms_up_then_decays():
         ({"resampled": True}, "epoch_samples"),
         ({"shards": []}, "shards"),
         ({"model": "no/such/config.json"}, "model"),
+        ({"source_rates": {"laion": -1}}, r"source_rates.*\{'laion': -1\}"),
+        ({"source_rates": {"mmc4": "2"}}, "source_rates"),
     ],
 )
 def test_config_is_checked(tmp_path, overrides, message):

@@ -23,7 +23,7 @@ from pipelines.data.errors import BadRecordLog
 from pipelines.data.instructions import ImageFolder, InstructionSources, read_instructions
 from pipelines.data.layout import DataLayout
 from pipelines.data.packed_sequences import PackedSequences, SequenceShardSet, SequenceShards
-from pipelines.data.packing import PackedSequence, PackingConfig, PackingStats, pack_documents
+from pipelines.data.packing import ROW_FORMAT, PackedSequence, PackingConfig, PackingStats, pack_documents
 from pipelines.data.shards import write_shards
 from pipelines.data.tokenizer import TokenizerManifest
 from pipelines.files import fingerprint, sha256, write_json
@@ -105,7 +105,7 @@ def pack_instructions(sources: InstructionSources, tokenizer: TokenizerManifest,
     meta = {"packing": packing.to_dict(), "tokenizer": tokenizer.source, "image_dir": str(image_dir),
             "instructions": hashes}
     # named by what it is made of (settings, the tokenizer's version, the files' content), never by where those lie
-    identity = {"packing": packing.to_dict(), "tokenizer": tokenizer.version, "instructions": sorted(hashes.values())}
+    identity = {"packing": packing.to_dict(), "row_format": ROW_FORMAT, "tokenizer": tokenizer.version, "instructions": sorted(hashes.values())}
     out = layout.path("instruction_sequences", fingerprint(identity, shards.samples_per_shard))
     text_tokenizer = tokenizer.load()
     counts, malformed, images = InstructionCounts(), BadRecordLog(keep=20), ImageFolder(image_dir)

@@ -7,8 +7,9 @@ Stages (:func:`sequence_dataset`), in webdataset's order:
    (the multi-node recipe: combine with ``epoch_samples``);
 2. ``split_by_node`` then ``split_by_worker`` (not when resampling), so ranks × workers read
    disjoint shards;
-3. tar → samples, a sample shuffle buffer, then decode (shuffling before decode keeps the buffer
-   small: encoded bytes, not tensors);
+3. tar → samples; with ``source_rates``, each sample repeated or dropped to reweight its corpus
+   (:func:`reweight_sources`); a sample shuffle buffer, then decode (shuffling before decode keeps the
+   buffer small: encoded bytes, not tensors);
 4. per sample: ``input_ids``, ``cu_seqlens``, its JSON and the images as ``(3, H, W)`` tensors, plus
    ``loss_mask`` (bool) and ``image_trained`` when the sequence has them (instruction data).
 
@@ -24,10 +25,11 @@ as webdataset reads them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,28 @@ def _decode_sample(sample: dict[str, Any], image_size: tuple[int, int]) -> dict[
     return decoded
 
 
+def reweight_sources(samples: Iterable[dict[str, Any]], rates: Mapping[str, float], seed: int) -> Iterator[dict[str, Any]]:
+    """Each packed row as many times as its corpus's rate asks: ``rates[source]`` is the expected number of times a
+    row of that source is used per epoch (e.g. ``{"mmc4": 0.5, "laion": 2.0}``; unlisted sources 1, 0 drops them).
+
+    A row of documents from several sources gets the mean of their rates. The fractional part is a coin drawn from
+    ``blake2b(seed, row key)``, so an epoch (``seed``) repeats and drops the same rows on every rank and on resume,
+    and another epoch draws again. Rows must carry their documents' ``sources`` (row format 2,
+    :data:`pipelines.data.packing.ROW_FORMAT`); a row without them is a ``ValueError`` naming its shard and key.
+    """
+    for sample in samples:
+        info = json.loads(sample["json"])
+        sources = info.get("sources")
+        if not sources:
+            raise ValueError(f"{sample.get('__url__')}: row {sample['__key__']} has no 'sources': it was packed before "
+                             "row format 2; re-run packing to reweight its sources")
+        rate = sum(rates.get(source, 1.0) for source in sources) / len(sources)
+        digest = hashlib.blake2b(f"{seed}:{sample['__key__']}".encode(), digest_size=8).digest()
+        coin = int.from_bytes(digest, "big") / 2**64
+        for _ in range(int(rate) + (coin < rate - int(rate))):
+            yield sample
+
+
 def sequence_dataset(
     urls: str | Sequence[str],
     *,
@@ -72,9 +96,12 @@ def sequence_dataset(
     shuffle_buffer: int = 256,
     seed: int = 0,
     epoch_samples: int | None = None,
+    source_rates: Mapping[str, float] | None = None,
     handler=wds.reraise_exception,
 ) -> wds.DataPipeline:
     """Decoded packed sequences, one dict per sample (see the module docstring).
+
+    ``source_rates``: per corpus, the expected uses of each of its rows per epoch (:func:`reweight_sources`).
 
     ``epoch_samples`` bounds an epoch per worker (``with_epoch``); required with ``resampled``.
     """
@@ -89,6 +116,8 @@ def sequence_dataset(
         stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),
                   wds.split_by_node, wds.split_by_worker]
     stages += [wds.tarfile_to_samples(handler=handler)]
+    if source_rates:
+        stages.append(functools.partial(reweight_sources, rates=dict(source_rates), seed=seed))
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed))
     stages.append(wds.map(functools.partial(_decode_sample, image_size=tuple(image_size)), handler=handler))

@@ -22,7 +22,7 @@ from pipelines.data.downloaded_images import DownloadedShard
 from pipelines.data.errors import BadRecordLog
 from pipelines.data.filtered_documents import FilteredShard
 from pipelines.data.layout import DataLayout
-from pipelines.data.packing import PackingConfig, PackingStats, pack_documents
+from pipelines.data.packing import ROW_FORMAT, PackingConfig, PackingStats, pack_documents
 from pipelines.data.recaptions import RecaptionedShard
 from pipelines.data.shards import write_shards
 from pipelines.data.stats import add_counts
@@ -92,8 +92,8 @@ def pack_shards(filtered: Mapping[str, FilteredShard], downloads: Mapping[str, D
             "data_versions": versions, **(lineage or {})}
     # named by what it is made of (data versions and settings), never by where those inputs lie: what earlier stages
     # removed is in the documents' data versions, so of the lineage (which names the drop files) only its stages count
-    identity = {"packing": packing.to_dict(), "filter_thresholds": meta["filter_thresholds"], **versions,
-                "lineage": sorted(lineage or {})}
+    identity = {"packing": packing.to_dict(), "row_format": ROW_FORMAT, "filter_thresholds": meta["filter_thresholds"],
+                **versions, "lineage": sorted(lineage or {})}
     out = layout.path("packed_sequences", fingerprint(identity, shards.samples_per_shard))
     text_tokenizer = tokenizer.load()
     totals = PackingStats()

@@ -105,6 +105,11 @@ class PackingConfig:
         return asdict(self)
 
 
+ROW_FORMAT = 2
+"""Version of a packed row's JSON fields (2 added the documents' ``sources``). Part of the shard folders'
+fingerprints, so a re-run never resumes into, or trains on, rows written without the fields it reads."""
+
+
 @dataclass
 class TokenizedDocument:
     """One document as tokens.
@@ -119,6 +124,7 @@ class TokenizedDocument:
         breaks: sorted positions where a part may start/end (sentence-unit boundaries), with 0 and
             ``len(tokens)``.
         kind: ``interleaved``, ``pair`` or ``instruction``.
+        source: the corpus it came from (the normalized document's ``source``: ``mmc4``, ``laion``, ...).
         loss_mask: instruction documents: ``array("B")`` aligned with ``tokens``, 1 where the token is a
             trained target; None: every token is (the model's defaults).
         image_trained: instruction documents: per image, whether it gets the diffusion loss.
@@ -130,6 +136,7 @@ class TokenizedDocument:
     image_starts: list[int]
     breaks: list[int]
     kind: str = "interleaved"
+    source: str = ""
     loss_mask: array | None = None
     image_trained: list[bool] | None = None
 
@@ -146,6 +153,7 @@ class PackedSequence:
         offsets: ``D`` positions of each segment's first token in its document's token stream.
         images: encoded bytes, one per ``<BoI>`` in row order.
         kinds: ``D`` document kinds (``interleaved`` | ``pair`` | ``instruction``).
+        sources: ``D`` document sources (``mmc4``, ``laion``, ...: what training's ``source_rates`` reweight).
         loss_mask: ``(T,)`` uint8, 1 where the token is a trained target; only in a sequence holding an
             instruction document (None: every token is).
         image_trained: per image, whether it gets the diffusion loss; set with ``loss_mask``.
@@ -158,6 +166,7 @@ class PackedSequence:
     offsets: list[int]
     images: list[bytes]
     kinds: list[str]
+    sources: list[str]
     loss_mask: np.ndarray | None = None
     image_trained: list[bool] | None = None
 
@@ -172,7 +181,7 @@ class PackedSequence:
         if "." in key:
             raise ValueError(f"WebDataset keys may not contain dots: {key!r}")
         info: dict[str, Any] = {"doc_ids": self.doc_ids, "parts": self.parts, "offsets": self.offsets,
-                                "kinds": self.kinds, "num_images": len(self.images)}
+                                "kinds": self.kinds, "sources": self.sources, "num_images": len(self.images)}
         if isinstance(image_ext, str):
             info["image_ext"] = image_ext
             extensions = [image_ext] * len(self.images)
@@ -409,10 +418,11 @@ def _tokenize_batch(batch: list[tuple[dict[str, Any], list[Unit], _InstructionPl
         stats.images += len(pictures)
         stats.documents += 1
         if plan is None:
-            yield TokenizedDocument(document["doc_id"], tokens, pictures, starts, breaks, document["kind"])
+            yield TokenizedDocument(document["doc_id"], tokens, pictures, starts, breaks, document["kind"],
+                                    document["source"])
         else:
             yield _with_loss_mask(TokenizedDocument(document["doc_id"], tokens, pictures, starts, breaks,
-                                                    document["kind"]), plan, block)
+                                                    document["kind"], document["source"]), plan, block)
 
 
 def _with_loss_mask(doc: TokenizedDocument, plan: _InstructionPlan, block: int) -> TokenizedDocument:
@@ -443,6 +453,7 @@ class _Builder:
         self.offsets: list[int] = []
         self.images: list[bytes] = []
         self.kinds: list[str] = []
+        self.sources: list[str] = []
         self.loss_mask: array | None = None
         self.image_trained: list[bool] | None = None
 
@@ -461,6 +472,7 @@ class _Builder:
         self.parts.append(part)
         self.offsets.append(start)
         self.kinds.append(doc.kind)
+        self.sources.append(doc.source)
         if doc.loss_mask is not None or self.loss_mask is not None:
             self._add_masks(doc, start, end, images_before)
 
@@ -482,7 +494,8 @@ class _Builder:
     def build(self) -> PackedSequence:
         mask = None if self.loss_mask is None else np.frombuffer(self.loss_mask, dtype=np.uint8)
         return PackedSequence(np.frombuffer(self.tokens, dtype=np.int32), np.asarray(self.cu, dtype=np.int32),
-                              self.doc_ids, self.parts, self.offsets, self.images, self.kinds, mask, self.image_trained)
+                              self.doc_ids, self.parts, self.offsets, self.images, self.kinds, self.sources, mask,
+                              self.image_trained)
 
 
 def _forced_cut(doc: TokenizedDocument, start: int, limit: int, block: int) -> int:

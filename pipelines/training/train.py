@@ -112,6 +112,11 @@ class TrainConfig:
     """Seeds the model init, the data order (per epoch) and each rank's RNG."""
     shuffle_buffer: Annotated[int, Ge(1)] = 256
     """Samples in each data worker's shuffle buffer (1: no shuffle)."""
+    source_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per corpus (a document's ``source``: ``mmc4``, ``laion``, ``cc12m``, ...), the expected uses of each of its packed
+    rows per epoch; unlisted corpora 1, 0 leaves one out. The release mixes its corpora by sampling probability
+    ([1, 1, 1, 2] for three pair sets and MMC4); weft reweights rows, so an epoch's mix is ``rate x rows`` per corpus.
+    Empty (the default): every row once, the corpora as packed."""
     resampled: bool = False
     """Resample shards endlessly (multi-node recipe); then ``epoch_samples`` bounds an epoch and a
     resume starts a fresh, differently seeded epoch instead of replaying to the exact position."""
@@ -153,6 +158,10 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage} (stage 3 would need "
                              "parameter gathering to write the safetensors model; not supported yet)")
+        bad_rates = {k: v for k, v in self.source_rates.items()
+                     if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0}
+        if bad_rates:
+            raise ValueError(f"source_rates: rates must be numbers >= 0 keyed by source name, got {bad_rates}")
         if self.resampled and self.epoch_samples is None:
             raise ValueError("resampled=True reads shards forever: set epoch_samples")
         if self.model != "tiny" and not isinstance(self.model, dict) and not Path(self.model).is_file():
@@ -360,7 +369,7 @@ class EpochData:
     def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
         c = self.config
         dataset = sequence_dataset(self.urls, image_size=self.image_size, resampled=c.resampled, shuffle_buffer=c.shuffle_buffer,
-                                   seed=c.seed + epoch, epoch_samples=c.epoch_samples)
+                                   seed=c.seed + epoch, epoch_samples=c.epoch_samples, source_rates=c.source_rates)
         collate = functools.partial(_collate, pad_token_id=self.pad_token_id, image_size=self.image_size)
         dataset = dataset.compose(wds.batched(c.batch_size, collation_fn=collate, partial=True))
         # its own generator: creating an iterator must not draw from the global RNG (exact resume)
