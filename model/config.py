@@ -192,6 +192,23 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
+class OptimizerGroups:
+    """Learning rates and weight decay of :meth:`~model.mm_interleaved.MMInterleaved.parameter_groups`; the defaults are
+    the public release's. Gates, sampling offsets, norms, biases and other 1-D parameters are never weight-decayed."""
+
+    lr: float = 1e-4
+    """Everything trained but the UNet and the sampling offsets: the vision side, the LLM's new parts and (unless
+    ``new_decoder_lr``) the decoder's new modules: its condition encoder, its MMFS blocks and the CFG negative."""
+    decoder_lr: float = 1e-5
+    """The UNet (pretrained Stable Diffusion in the release)."""
+    new_decoder_lr: float | None = None
+    """The decoder's new modules; ``None``: ``lr`` (the release)."""
+    offsets_lr: float | None = 1e-5
+    """Every MMFS ``sampling_offsets`` (the LLM's and the UNet's); ``None``: the rate of the module they belong to."""
+    weight_decay: float = 0.05
+
+
+@dataclass(frozen=True)
 class ScratchSizes:
     """Sizes of a model built from scratch (:meth:`MMInterleavedConfig.from_scratch`); the defaults are ``tiny``'s."""
 

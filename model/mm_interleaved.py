@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from model.batch import ImageLayout, InterleavedBatch, encode_document, tensor_to_image
-from model.config import LanguageConfig, MMInterleavedConfig
+from model.config import LanguageConfig, MMInterleavedConfig, OptimizerGroups
 from model.image_decoder import DecoderContext, ImageDecoder
 from model.language import LanguageModelOutput, MMFSContext, MMFSLanguageModel, document_causal_mask, positions_in_document
 from model.mmfs import ImageFeatures, flatten_feature_maps, visibility_and_relative_position
@@ -278,23 +278,39 @@ class MMInterleaved(nn.Module):
         loss = self.config.text_loss_weight * text_loss + self.config.image_loss_weight * image_loss
         return MMInterleavedOutput(loss, text_loss, image_loss, lm.logits, trained)
 
-    def parameter_groups(self, lr: float = 1e-4, decoder_lr: float = 1e-5, weight_decay: float = 0.05) -> list[dict]:
-        """Optimizer groups by name: the decoder at ``decoder_lr``, the rest at ``lr``; no weight
-        decay for gates, sampling offsets, norms, biases and other 1-D parameters."""
-        groups: dict[tuple[bool, bool], dict] = {}
+    def parameter_groups(self, settings: OptimizerGroups = OptimizerGroups()) -> list[dict]:
+        """Optimizer groups by parameter name (see :class:`~model.config.OptimizerGroups`): ``decoder`` (the UNet) at
+        ``decoder_lr``, ``new_decoder`` (the decoder's other trained modules) at ``new_decoder_lr`` or ``lr``,
+        ``offsets`` (every MMFS ``sampling_offsets``) at ``offsets_lr``, ``main`` (the rest) at ``lr``; each split into
+        decayed and ``_no_decay`` (gates, sampling offsets, norms, biases and other 1-D parameters)."""
+        rates = {
+            "main": settings.lr,
+            "decoder": settings.decoder_lr,
+            "new_decoder": settings.lr if settings.new_decoder_lr is None else settings.new_decoder_lr,
+            "offsets": settings.offsets_lr,
+        }
+        groups: dict[tuple[str, bool], dict] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            is_decoder = name.startswith("decoder.")
-            no_decay = param.ndim < 2 or name.endswith(".gate") or ".sampling_offsets." in name or "norm" in name
+            offsets = ".sampling_offsets." in name
+            if offsets and settings.offsets_lr is not None:
+                role = "offsets"
+            elif name.startswith("decoder.unet."):
+                role = "decoder"
+            elif name.startswith("decoder."):
+                role = "new_decoder"
+            else:
+                role = "main"
+            no_decay = param.ndim < 2 or name.endswith(".gate") or offsets or "norm" in name
             group = groups.setdefault(
-                (is_decoder, no_decay),
+                (role, no_decay),
                 {
-                    "name": f"{'decoder' if is_decoder else 'main'}{'_no_decay' if no_decay else ''}",
+                    "name": f"{role}{'_no_decay' if no_decay and role != 'offsets' else ''}",
                     "params": [],
                     "param_names": [],
-                    "lr": decoder_lr if is_decoder else lr,
-                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "lr": rates[role],
+                    "weight_decay": 0.0 if no_decay else settings.weight_decay,
                 },
             )
             group["params"].append(param)
