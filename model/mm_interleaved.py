@@ -34,7 +34,8 @@ class MMInterleavedOutput:
     """Attributes:
     loss: scalar, ``text_loss_weight * text_loss + image_loss_weight * image_loss``.
     text_loss: scalar next-token cross-entropy over trained tokens.
-    image_loss: scalar mean diffusion MSE over trained images (0 when there are none).
+    image_loss: scalar diffusion MSE summed over trained images, divided by the batch's images or the trained ones
+        (``config.image_loss_average``); 0 when none is trained.
     logits: ``(B, T, V)``.
     num_trained_images: images that contributed to ``image_loss``.
     """
@@ -273,7 +274,8 @@ class MMInterleaved(nn.Module):
                 hidden, hidden_mask = self._condition_inputs(self._condition_states(lm), docs, layout, targets_k)
                 condition = self.decoder.encode_condition(hidden, hidden_mask)
                 context = self._decoder_context(vision, layout, targets_k)
-                image_loss = self.decoder.loss(batch.images[targets_k], condition, context).mean()
+                average_over = layout.num_images if self.config.image_loss_average == "all_images" else trained
+                image_loss = self.decoder.loss(batch.images[targets_k], condition, context).sum() / average_over
 
         loss = self.config.text_loss_weight * text_loss + self.config.image_loss_weight * image_loss
         return MMInterleavedOutput(loss, text_loss, image_loss, lm.logits, trained)

@@ -152,6 +152,28 @@ def test_generate_with_forced_boi_returns_text_and_an_image(model):
     assert out.token_ids[boi + 1 : boi + 1 + n] == [model.image_token_id] * n
 
 
+def test_image_loss_averages_over_all_images_as_the_release(model):
+    """The release divides the trained images' summed loss by every image of the batch (zeros for the untrained);
+    ``trained_images`` by the trained ones only."""
+    assert MMInterleavedConfig.tiny().image_loss_average == "trained_images"  # the demo's recipe, kept
+    batch = tiny_batch(model)
+    model.eval()
+    losses = {}
+    try:
+        for average in ("all_images", "trained_images"):
+            model.config.image_loss_average = average
+            torch.manual_seed(3)
+            with torch.no_grad():
+                out = model(batch)
+            losses[average] = out.image_loss
+    finally:
+        model.config.image_loss_average = "trained_images"
+    assert 0 < out.num_trained_images < len(batch.images)
+    torch.testing.assert_close(losses["all_images"], losses["trained_images"] * out.num_trained_images / len(batch.images))
+    with pytest.raises(ValueError, match="image_loss_average"):
+        dataclasses.replace(MMInterleavedConfig.tiny(), image_loss_average="images")
+
+
 def test_parameter_groups_follow_the_release(model):
     """New decoder modules at the main rate, the UNet at the decoder's, every sampling offset at its own without
     weight decay (the release's 1e-4 / 1e-5 / 1e-5)."""
