@@ -118,9 +118,11 @@ class MMFS(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """The release's init: offsets start at their bias alone (uniform within ``offset_init`` base pixels), the
+        attention logits at ``nn.Linear``'s default weights with a zero bias, the projections Xavier."""
         nn.init.zeros_(self.sampling_offsets.weight)
         nn.init.uniform_(self.sampling_offsets.bias, -self.config.offset_init, self.config.offset_init)
-        nn.init.zeros_(self.attention_logits.weight)
+        self.attention_logits.reset_parameters()
         nn.init.zeros_(self.attention_logits.bias)
         nn.init.normal_(self.relative_position.weight, std=0.02)
         for linear in (self.value_proj, self.output_proj, self.dynamic_query):

@@ -27,15 +27,19 @@ def make_inputs(n=2, lq=5, k=3, c=8, seed=0):
 def make_mmfs(seed=0, active=True):
     torch.manual_seed(seed)
     mmfs = MMFS(CONFIG, query_dim=12, value_dim=8, output_dim=12, num_levels=2)
-    if active:  # move away from the zero init so logits depend on the query
+    if active:  # larger logits than the init, and offsets that depend on the query
         torch.nn.init.normal_(mmfs.attention_logits.weight, std=0.5)
         torch.nn.init.normal_(mmfs.sampling_offsets.weight, std=0.1)
     return mmfs
 
 
 def test_init_follows_the_release():
+    """Zero offset weights with a uniform bias; attention logits with nn.Linear's default weights (kaiming-uniform,
+    bound 1/sqrt(fan_in)) and a zero bias, so that the logits depend on the query from the first step."""
     mmfs = make_mmfs(active=False)
-    assert torch.all(mmfs.attention_logits.weight == 0) and torch.all(mmfs.attention_logits.bias == 0)
+    weight = mmfs.attention_logits.weight
+    assert torch.all(mmfs.attention_logits.bias == 0)
+    assert weight.std() > 0 and weight.abs().max() <= 1 / weight.shape[1] ** 0.5
     assert torch.all(mmfs.sampling_offsets.weight == 0)
     bias = mmfs.sampling_offsets.bias
     assert bias.abs().max() <= CONFIG.offset_init and bias.std() > 0
@@ -91,6 +95,7 @@ def test_weights_are_one_softmax_across_images():
     # logits are zero (joint softmax), independent of how the slots split across images.
     mmfs = MMFS(MMFSConfig(num_heads=1, num_points=2, hidden_size=1, offset_init=0.0, base_spatial_shape=4), 4, 1, 1, 1)
     with torch.no_grad():
+        mmfs.attention_logits.weight.zero_()
         mmfs.value_proj.weight.fill_(1.0)
         mmfs.value_proj.bias.zero_()
         mmfs.output_proj.weight.fill_(1.0)
