@@ -39,15 +39,16 @@ class MMFSConfig:
     """Width of the projected values (``M * head_dim``)."""
     offset_init: float = 3.0
     """Sampling offsets' bias is drawn from ``uniform(-offset_init, offset_init)`` (base pixels)."""
-    base_spatial_shape: int = 16
-    """Offsets are in pixels of a ``base x base`` map, i.e. the same normalised offset at every level."""
+    base_spatial_shape: int | None = 16
+    """Offsets are in pixels of a ``base x base`` map, i.e. the same normalised offset at every level; ``None``: in
+    pixels of the query map itself (queries that are a map's pixels only: the UNet's MMFS, as the release)."""
     max_images: int = 50
     """Largest relative image position with its own embedding (larger ones are clamped)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"MMFS hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.num_points < 1 or self.base_spatial_shape < 1 or self.max_images < 1:
+        if self.num_points < 1 or self.max_images < 1 or (self.base_spatial_shape is not None and self.base_spatial_shape < 1):
             raise ValueError("MMFS num_points, base_spatial_shape and max_images must be >= 1")
 
 
@@ -129,6 +130,8 @@ class LanguageConfig:
             raise ValueError("LanguageConfig needs llm_config (random init) or llm_path (local weights)")
         if self.cross_attention_frequency < 0:
             raise ValueError("cross_attention_frequency must be >= 0")
+        if self.mmfs.base_spatial_shape is None:
+            raise ValueError("language.mmfs.base_spatial_shape must be a number: text queries have no map of their own")
 
 
 CONDITION_LAYERS = ("last", "all")
@@ -154,8 +157,9 @@ class DecoderConfig:
     """LLM states the condition reads: ``"last"`` (the final normalised hidden states, the paper) or ``"all"``
     (a learned mix of the embeddings and every layer's output; for LLMs trained from scratch, whose last
     layer drops what next-token prediction no longer needs)."""
-    mmfs: MMFSConfig | None = field(default_factory=lambda: MMFSConfig(offset_init=1.0))
-    """MMFS on every down-block skip connection and the mid block; ``None``: no MMFS."""
+    mmfs: MMFSConfig | None = field(default_factory=lambda: MMFSConfig(offset_init=1.0, base_spatial_shape=None))
+    """MMFS on every down-block skip connection and the mid block, offsets in pixels of the skip's own map (the
+    release) unless ``base_spatial_shape`` is set; ``None``: no MMFS."""
     feature_levels: tuple[int, ...] = (0, 1, 2, 3)
     """Indices into the vision pyramid used by the UNet's MMFS (paper: 64²..8²)."""
     condition_dropout: float = 0.1
@@ -363,6 +367,7 @@ class MMInterleavedConfig:
                 scheduler_config=scheduler,
                 condition=None,  # per-token over every layer: see model.condition for what the 16-query resampler cost
                 condition_layers="all",
+                # offsets in pixels of an mmfs_base map (mmfs_small), as the demo was measured, not of each skip's map
                 mmfs=MMFSConfig(offset_init=0.5, **mmfs_small) if mmfs else None,
                 timestep_bias=1.0,  # from scratch the decoder learns its condition from the noisy steps: model.condition
             ),
@@ -432,7 +437,7 @@ class MMInterleavedConfig:
             decoder=DecoderConfig(
                 **diffusion,
                 condition=ResamplerConfig(num_queries=77, hidden_size=1024, num_layers=1, num_heads=16),
-                mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=1.0, base_spatial_shape=16),
+                mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=1.0, base_spatial_shape=None),
                 feature_levels=(0, 1, 2, 3),
                 unet_micro_batch=8,  # python -m pipelines.training.budget: the lowest activation peak of 1, 4, 8 and all (30)
             ),

@@ -90,7 +90,7 @@ class SkipMMFS(nn.Module):
         features = ImageFeatures(self.feature_norm(f.values), f.spatial_shapes, f.level_start_index)
         visible = context.visible[:, None, :].expand(n, h * w, -1)
         relative = context.relative_position[:, None, :].expand(n, h * w, -1)
-        out = self.mmfs(query, reference, features, visible, relative)
+        out = self.mmfs(query, reference, features, visible, relative, query_shape=(h, w))
         sees = context.visible.any(-1).to(feature.dtype)[:, None, None, None]
         return self.zero_conv(out.transpose(1, 2).reshape(n, c, h, w)) * sees
 

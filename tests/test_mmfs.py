@@ -1,8 +1,12 @@
 """MMFS: init, the sink, visibility masking, relative positions, and the op backends agree."""
 
+import dataclasses
+
+import pytest
 import torch
 
-from model.config import MMFSConfig
+from model.config import DecoderConfig, LanguageConfig, MMFSConfig
+from model.image_decoder import DecoderContext, SkipMMFS
 from model.mmfs import (
     MMFS,
     ImageFeatures,
@@ -135,3 +139,26 @@ def test_mmfs_cpu_kernel_matches_reference(monkeypatch):
     monkeypatch.setenv("WEFT_DEFORM_BACKEND", "cpu")
     out = mmfs(query, ref, features, visible, relative)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_offsets_are_in_pixels_of_the_query_map():
+    """The release's UNet MMFS normalises offsets by the query map's own resolution, not a fixed base: on a 4x4 skip
+    map the same weights sample as with base 4, not as with base 16; text queries (no map) must name a base."""
+    config = MMFSConfig(num_heads=2, num_points=3, hidden_size=8, offset_init=2.0, base_spatial_shape=None, max_images=4)
+    assert DecoderConfig(unet_config={}, vae_config={}).mmfs.base_spatial_shape is None
+    _, features, _, _ = make_inputs(n=2, k=3)
+    context = DecoderContext(features, torch.tensor([[True, True, False], [True, False, False]]), torch.tensor([[2, 1, 0], [1, 0, 0]]))
+    feature = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for base in (None, 4, 16):
+        torch.manual_seed(0)
+        block = SkipMMFS(dataclasses.replace(config, base_spatial_shape=base), 8, 8, 2)
+        torch.nn.init.normal_(block.zero_conv.weight)
+        outputs[base] = block(feature, context)
+    torch.testing.assert_close(outputs[None], outputs[4])
+    assert not torch.allclose(outputs[None], outputs[16])
+    query, features, visible, relative = make_inputs()
+    with pytest.raises(ValueError, match="query_shape"):
+        MMFS(config, 12, 8, 12, 2)(query, torch.full((5, 2), 0.5), features, visible, relative)
+    with pytest.raises(ValueError, match="language.mmfs.base_spatial_shape"):
+        LanguageConfig(llm_config={"model_type": "llama"}, mmfs=config)
