@@ -158,8 +158,11 @@ class DecoderConfig:
     (a learned mix of the embeddings and every layer's output; for LLMs trained from scratch, whose last
     layer drops what next-token prediction no longer needs)."""
     mmfs: MMFSConfig | None = field(default_factory=lambda: MMFSConfig(offset_init=1.0, base_spatial_shape=None))
-    """MMFS on every down-block skip connection and the mid block, offsets in pixels of the skip's own map (the
+    """MMFS on every skip connection (see ``mmfs_conv_in``) and the mid block, offsets in pixels of the skip's own map (the
     release) unless ``base_spatial_shape`` is set; ``None``: no MMFS."""
+    mmfs_conv_in: bool = True
+    """MMFS on ``conv_in``'s output too, the UNet's first skip connection (the release: 12 skip blocks + mid for
+    SD-2.1); ``False``: on the down blocks' skips only."""
     feature_levels: tuple[int, ...] = (0, 1, 2, 3)
     """Indices into the vision pyramid used by the UNet's MMFS (paper: 64²..8²)."""
     condition_dropout: float = 0.1
@@ -369,6 +372,7 @@ class MMInterleavedConfig:
                 condition_layers="all",
                 # offsets in pixels of an mmfs_base map (mmfs_small), as the demo was measured, not of each skip's map
                 mmfs=MMFSConfig(offset_init=0.5, **mmfs_small) if mmfs else None,
+                mmfs_conv_in=False,  # as the demo was measured: the down blocks' skips only
                 timestep_bias=1.0,  # from scratch the decoder learns its condition from the noisy steps: model.condition
             ),
             image_loss_average="trained_images",  # as the demo was measured: "all_images" halves the image loss on pairs
