@@ -135,6 +135,7 @@ class LanguageConfig:
 
 
 CONDITION_LAYERS = ("last", "all")
+CONTEXT_POSITIONS = ("from_boi", "from_start")
 
 
 @dataclass
@@ -150,6 +151,9 @@ class DecoderConfig:
     """Maps LLM hidden states (document start .. ``<BoI>``) to the UNet's condition tokens (the paper: a
     1-layer Q-Former with 77 queries); ``None``: one condition token per context token
     (:mod:`model.condition`)."""
+    context_positions: str = "from_boi"
+    """1-D sin-cos positions of the context tokens the resampled condition reads: ``"from_boi"`` counts back from
+    ``<BoI>`` (position 0, the release's reversed context) or ``"from_start"`` counts from the document start."""
     condition_rms: float = 4.0
     """Per-token condition (``condition=None``) only: the RMS its tokens start at (an RMSNorm with a learned gain
     initialised here ends :class:`~model.condition.TokenCondition`). See :mod:`model.condition` for why 4."""
@@ -184,6 +188,8 @@ class DecoderConfig:
         if isinstance(self.mmfs, dict):
             self.mmfs = MMFSConfig(**self.mmfs)
         self.feature_levels = tuple(int(i) for i in self.feature_levels)
+        if self.context_positions not in CONTEXT_POSITIONS:
+            raise ValueError(f"decoder.context_positions must be one of {CONTEXT_POSITIONS}, got {self.context_positions!r}")
         if self.condition_layers not in CONDITION_LAYERS:
             raise ValueError(f"decoder.condition_layers must be one of {CONDITION_LAYERS}, got {self.condition_layers!r}")
         if self.diffusion_path is None and (self.unet_config is None or self.vae_config is None):

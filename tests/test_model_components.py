@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from model.condition import Condition, LayerMix
+from model.condition import Condition, LayerMix, ResampledCondition
 from model.config import SD21_BASE_SCHEDULER, SD21_BASE_UNET, SD21_BASE_VAE, DecoderConfig, MMInterleavedConfig, ResamplerConfig
 from model.image_decoder import DecoderContext, ImageDecoder
 from model.mmfs import ImageFeatures, flatten_feature_maps
@@ -90,6 +90,26 @@ def test_conv_in_skip_gets_mmfs_as_the_release(config):
         with_images = decoder.unet_forward(latents, t, condition, context_for(2, 2))
     assert not torch.allclose(with_images, plain)
     torch.testing.assert_close(down_inputs[1], down_inputs[0])
+
+
+def test_context_positions_count_back_from_boi_as_the_release(config):
+    """The token before <BoI> (here the last real one) is at position 0 whatever the context's length: the condition of
+    a padded context is the unpadded one's, and reading the context forward from <BoI> gives the release's reversed
+    context (the resampler's attention is blind to order but for the positions)."""
+    resampled = dataclasses.replace(config.decoder, condition=ResamplerConfig(num_queries=5, hidden_size=32, num_layers=1, num_heads=2))
+    assert resampled.context_positions == "from_boi"
+    torch.manual_seed(0)
+    from_boi = ResampledCondition(resampled, 64, 32).eval()
+    from_start = ResampledCondition(dataclasses.replace(resampled, context_positions="from_start"), 64, 32).eval()
+    from_start.load_state_dict(from_boi.state_dict())
+    hidden, full = torch.randn(1, 6, 64), torch.ones(1, 6, dtype=torch.bool)
+    padded, mask = torch.cat([hidden, torch.randn(1, 3, 64)], 1), torch.cat([full, torch.zeros(1, 3, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(from_boi(padded, mask).tokens, from_boi(hidden, full).tokens)
+        torch.testing.assert_close(from_boi(hidden, full).tokens, from_start(hidden.flip(1), full).tokens)
+        assert not torch.allclose(from_boi(hidden, full).tokens, from_start(hidden, full).tokens)
+    with pytest.raises(ValueError, match="decoder.context_positions"):
+        dataclasses.replace(resampled, context_positions="backwards")
 
 
 def test_decoder_loss_and_sampling(config):
