@@ -136,6 +136,7 @@ class LanguageConfig:
 
 CONDITION_LAYERS = ("last", "all")
 CONTEXT_POSITIONS = ("from_boi", "from_start")
+NEGATIVE_INITS = ("empty_prompt", "random")
 
 
 @dataclass
@@ -171,6 +172,10 @@ class DecoderConfig:
     """Indices into the vision pyramid used by the UNet's MMFS (paper: 64²..8²)."""
     condition_dropout: float = 0.1
     """Probability of replacing the condition by the learned negative one in training (CFG)."""
+    negative_init: str = "empty_prompt"
+    """The learned negative condition starts as ``"empty_prompt"``'s condition (the LLM's states of the document start
+    and ``<BoI>`` alone through the condition encoder, as the release starts from Stable Diffusion's empty-prompt
+    embedding; needs ``condition``, whose width it has) or ``"random"`` (normal, std 0.02)."""
     timestep_bias: float = 0.0
     """Training timesteps are drawn with density proportional to ``t ** timestep_bias`` over ``[0, T)``: 0 is uniform
     (Stable Diffusion's training); 1 rises linearly to the noisiest steps, where a scene's layout and colours are
@@ -188,6 +193,11 @@ class DecoderConfig:
         if isinstance(self.mmfs, dict):
             self.mmfs = MMFSConfig(**self.mmfs)
         self.feature_levels = tuple(int(i) for i in self.feature_levels)
+        if self.negative_init not in NEGATIVE_INITS:
+            raise ValueError(f"decoder.negative_init must be one of {NEGATIVE_INITS}, got {self.negative_init!r}")
+        if self.negative_init == "empty_prompt" and self.condition is None:
+            raise ValueError("decoder.negative_init='empty_prompt' needs decoder.condition (a resampler): the per-token "
+                             "condition's one-token negative is no prompt's condition; use 'random'")
         if self.context_positions not in CONTEXT_POSITIONS:
             raise ValueError(f"decoder.context_positions must be one of {CONTEXT_POSITIONS}, got {self.context_positions!r}")
         if self.condition_layers not in CONDITION_LAYERS:
@@ -376,6 +386,7 @@ class MMInterleavedConfig:
                 scheduler_config=scheduler,
                 condition=None,  # per-token over every layer: see model.condition for what the 16-query resampler cost
                 condition_layers="all",
+                negative_init="random",  # a per-token condition has no empty-prompt negative of its width
                 # offsets in pixels of an mmfs_base map (mmfs_small), as the demo was measured, not of each skip's map
                 mmfs=MMFSConfig(offset_init=0.5, **mmfs_small) if mmfs else None,
                 mmfs_conv_in=False,  # as the demo was measured: the down blocks' skips only

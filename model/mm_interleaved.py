@@ -101,6 +101,9 @@ class MMInterleaved(nn.Module):
         )
         num_llm_states = llm.config.num_hidden_layers + 1 if config.decoder.condition_layers == "all" else 1
         self.decoder = ImageDecoder(config.decoder, hidden_size, feature_dim, len(config.decoder.feature_levels), num_llm_states)
+        if config.decoder.negative_init == "empty_prompt":
+            with torch.no_grad():
+                self.decoder.negative_condition.copy_(self.empty_prompt_condition())
         if config.gradient_checkpointing:
             for part in (self.vision, self.language, self.decoder):
                 part.enable_gradient_checkpointing()
@@ -155,8 +158,10 @@ class MMInterleaved(nn.Module):
         """Selected pyramid levels of every image, gathered per row slot: values ``(B, K_max, S, C)``."""
         return cls._gathered_features(maps, levels, layout.row_images, layout.slot_valid)
 
-    def _llm_context(self, document_ids: Tensor, positions: Tensor, layout: ImageLayout, vision: VisionOutput | None) -> MMFSContext | None:
-        """MMFS context for the tokens at ``positions (B, Tq)`` with documents ``document_ids (B, Tq)``."""
+    def _llm_context(self, document_ids: Tensor, positions: Tensor, layout: ImageLayout | None,
+                     vision: VisionOutput | None) -> MMFSContext | None:
+        """MMFS context for the tokens at ``positions (B, Tq)`` with documents ``document_ids (B, Tq)`` (``layout``
+        may be ``None`` without ``vision``)."""
         if not self.language.mmfs_layers:
             return None
         if vision is None or layout.num_images == 0:
@@ -217,6 +222,22 @@ class MMInterleaved(nn.Module):
         offsets = torch.arange(width, device=hidden.device)
         index = (begin[:, None] + offsets).clamp(max=t - 1)
         return hidden[rows[:, None], index], offsets[None] < lengths[:, None]
+
+    @torch.no_grad()
+    def empty_prompt_condition(self) -> Tensor:
+        """The decoder's condition tokens ``(N_cond, C)`` for an image with an empty prompt: the LLM's states of the
+        document start (``<s>`` where the tokenizer has one) and ``<BoI>``, the whole context such an image has,
+        through the condition encoder. What the release's negative condition starts as (Stable Diffusion's text
+        encoder on ``""``)."""
+        bos = self.tokenizer.bos_token_id
+        ids = torch.tensor([[self.boi_token_id] if bos is None else [bos, self.boi_token_id]], device=self.device)
+        docs, positions = torch.zeros_like(ids), torch.arange(ids.shape[1], device=ids.device)[None]
+        embeds = self.language.embed_tokens(ids)
+        mask = document_causal_mask(docs, positions, docs, positions, embeds.dtype)
+        context = self._llm_context(docs, positions, None, None)
+        lm = self.language(embeds, mask, positions, context, output_layer_states=self.decoder.layer_mix is not None)
+        states = self._condition_states(lm)
+        return self.decoder.encode_condition(states, torch.ones(states.shape[:2], dtype=torch.bool, device=ids.device)).tokens[0]
 
     def _text_targets(self, batch: InterleavedBatch) -> Tensor:
         """``(B, T - 1)`` next-token targets, ignoring placeholders, padding and document crossings."""

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from model.batch import InterleavedBatch, document_ids_from_cu_seqlens
-from model.config import MMInterleavedConfig, OptimizerGroups
+from model.config import MMInterleavedConfig, OptimizerGroups, ResamplerConfig
+from model.language import document_causal_mask
 from model.mm_interleaved import MMInterleaved
 from tiny_inputs import tiny_batch, tiny_tokenizer
 
@@ -172,6 +173,31 @@ def test_image_loss_averages_over_all_images_as_the_release(model):
     torch.testing.assert_close(losses["all_images"], losses["trained_images"] * out.num_trained_images / len(batch.images))
     with pytest.raises(ValueError, match="image_loss_average"):
         dataclasses.replace(MMInterleavedConfig.tiny(), image_loss_average="images")
+
+
+def test_cfg_negative_starts_as_the_empty_prompts_condition():
+    """The release starts its negative condition from Stable Diffusion's empty-prompt embedding; weft's is the condition
+    its own path gives an image with an empty prompt (<s> <BoI>): the same as the condition a training batch computes
+    for such an image."""
+    config = MMInterleavedConfig.tiny()
+    config.decoder = dataclasses.replace(config.decoder, negative_init="empty_prompt",
+                                         condition=ResamplerConfig(num_queries=5, hidden_size=32, num_layers=1, num_heads=2))
+    torch.manual_seed(0)
+    model = MMInterleaved.from_config(config, tiny_tokenizer()).eval()
+    negative = model.decoder.negative_condition.detach()
+    torch.testing.assert_close(negative, model.empty_prompt_condition())
+    # the condition a training batch's path (its layout, cut at <BoI>) gives the image of "<s> <BoI> <image>..."
+    ids = torch.tensor([[model.tokenizer.bos_token_id, model.boi_token_id] + [model.image_token_id] * model.num_visual_tokens])
+    docs, positions = torch.zeros_like(ids), torch.arange(ids.shape[1])[None]
+    mask = document_causal_mask(docs, positions, docs, positions, torch.float32)
+    with torch.no_grad():
+        lm = model.language(model.language.embed_tokens(ids), mask, positions, model._llm_context(docs, positions, None, None),
+                            output_layer_states=True)
+        states, valid = model._condition_inputs(model._condition_states(lm), docs, model._layout(ids, docs), torch.tensor([0]))
+        torch.testing.assert_close(model.decoder.encode_condition(states, valid).tokens[0], negative)
+    assert negative.std() > 0.1  # not the random init's 0.02
+    with pytest.raises(ValueError, match="decoder.negative_init"):
+        dataclasses.replace(config.decoder, condition=None)
 
 
 def test_parameter_groups_follow_the_release(model):
