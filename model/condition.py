@@ -2,7 +2,8 @@
 
 Two encoders, chosen by :class:`~model.config.DecoderConfig`:
 
-- :class:`ResampledCondition` (the paper): Linear + 1-D sin-cos positions, then a Perceiver/Q-Former
+- :class:`ResampledCondition` (the paper): Linear + 1-D sin-cos positions (counted back from ``<BoI>`` as the
+  release, or from the document start: ``DecoderConfig.context_positions``), then a Perceiver/Q-Former
   resampler with a fixed number of queries (77 for Stable Diffusion).
 - :class:`TokenCondition`: every context token becomes one condition token (Linear + 1-D sin-cos), as
   Stable Diffusion's UNet reads its text encoder's per-token states; the width varies per image and
@@ -137,13 +138,16 @@ class ResampledCondition(nn.Module):
     def __init__(self, config: DecoderConfig, llm_hidden_size: int, cross_dim: int) -> None:
         super().__init__()
         self.positions_dim = config.condition.hidden_size
+        self.from_boi = config.context_positions == "from_boi"
         self.resampler = PerceiverResampler(config.condition, llm_hidden_size, cross_dim)
         self.num_negative_tokens = config.condition.num_queries
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Condition:
-        """``hidden (N, W, D)``, ``mask (N, W)`` -> ``num_queries`` tokens per item."""
-        positions = sincos_1d(torch.arange(hidden.shape[1], device=hidden.device), self.positions_dim)[None]
-        tokens = self.resampler(hidden, mask, positions)
+        """``hidden (N, W, D)``, ``mask (N, W)`` (real tokens first, the last real one ``<BoI>``) -> ``num_queries``
+        tokens per item."""
+        index = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        positions = (mask.sum(1, keepdim=True) - 1 - index).clamp(min=0) if self.from_boi else index
+        tokens = self.resampler(hidden, mask, sincos_1d(positions, self.positions_dim))
         return Condition(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
 
 

@@ -39,15 +39,16 @@ class MMFSConfig:
     """Width of the projected values (``M * head_dim``)."""
     offset_init: float = 3.0
     """Sampling offsets' bias is drawn from ``uniform(-offset_init, offset_init)`` (base pixels)."""
-    base_spatial_shape: int = 16
-    """Offsets are in pixels of a ``base x base`` map, i.e. the same normalised offset at every level."""
+    base_spatial_shape: int | None = 16
+    """Offsets are in pixels of a ``base x base`` map, i.e. the same normalised offset at every level; ``None``: in
+    pixels of the query map itself (queries that are a map's pixels only: the UNet's MMFS, as the release)."""
     max_images: int = 50
     """Largest relative image position with its own embedding (larger ones are clamped)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"MMFS hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.num_points < 1 or self.base_spatial_shape < 1 or self.max_images < 1:
+        if self.num_points < 1 or self.max_images < 1 or (self.base_spatial_shape is not None and self.base_spatial_shape < 1):
             raise ValueError("MMFS num_points, base_spatial_shape and max_images must be >= 1")
 
 
@@ -129,9 +130,13 @@ class LanguageConfig:
             raise ValueError("LanguageConfig needs llm_config (random init) or llm_path (local weights)")
         if self.cross_attention_frequency < 0:
             raise ValueError("cross_attention_frequency must be >= 0")
+        if self.mmfs.base_spatial_shape is None:
+            raise ValueError("language.mmfs.base_spatial_shape must be a number: text queries have no map of their own")
 
 
 CONDITION_LAYERS = ("last", "all")
+CONTEXT_POSITIONS = ("from_boi", "from_start")
+NEGATIVE_INITS = ("empty_prompt", "random")
 
 
 @dataclass
@@ -147,6 +152,9 @@ class DecoderConfig:
     """Maps LLM hidden states (document start .. ``<BoI>``) to the UNet's condition tokens (the paper: a
     1-layer Q-Former with 77 queries); ``None``: one condition token per context token
     (:mod:`model.condition`)."""
+    context_positions: str = "from_boi"
+    """1-D sin-cos positions of the context tokens the resampled condition reads: ``"from_boi"`` counts back from
+    ``<BoI>`` (position 0, the release's reversed context) or ``"from_start"`` counts from the document start."""
     condition_rms: float = 4.0
     """Per-token condition (``condition=None``) only: the RMS its tokens start at (an RMSNorm with a learned gain
     initialised here ends :class:`~model.condition.TokenCondition`). See :mod:`model.condition` for why 4."""
@@ -154,12 +162,20 @@ class DecoderConfig:
     """LLM states the condition reads: ``"last"`` (the final normalised hidden states, the paper) or ``"all"``
     (a learned mix of the embeddings and every layer's output; for LLMs trained from scratch, whose last
     layer drops what next-token prediction no longer needs)."""
-    mmfs: MMFSConfig | None = field(default_factory=lambda: MMFSConfig(offset_init=1.0))
-    """MMFS on every down-block skip connection and the mid block; ``None``: no MMFS."""
+    mmfs: MMFSConfig | None = field(default_factory=lambda: MMFSConfig(offset_init=1.0, base_spatial_shape=None))
+    """MMFS on every skip connection (see ``mmfs_conv_in``) and the mid block, offsets in pixels of the skip's own map (the
+    release) unless ``base_spatial_shape`` is set; ``None``: no MMFS."""
+    mmfs_conv_in: bool = True
+    """MMFS on ``conv_in``'s output too, the UNet's first skip connection (the release: 12 skip blocks + mid for
+    SD-2.1); ``False``: on the down blocks' skips only."""
     feature_levels: tuple[int, ...] = (0, 1, 2, 3)
     """Indices into the vision pyramid used by the UNet's MMFS (paper: 64²..8²)."""
     condition_dropout: float = 0.1
     """Probability of replacing the condition by the learned negative one in training (CFG)."""
+    negative_init: str = "empty_prompt"
+    """The learned negative condition starts as ``"empty_prompt"``'s condition (the LLM's states of the document start
+    and ``<BoI>`` alone through the condition encoder, as the release starts from Stable Diffusion's empty-prompt
+    embedding; needs ``condition``, whose width it has) or ``"random"`` (normal, std 0.02)."""
     timestep_bias: float = 0.0
     """Training timesteps are drawn with density proportional to ``t ** timestep_bias`` over ``[0, T)``: 0 is uniform
     (Stable Diffusion's training); 1 rises linearly to the noisiest steps, where a scene's layout and colours are
@@ -177,6 +193,13 @@ class DecoderConfig:
         if isinstance(self.mmfs, dict):
             self.mmfs = MMFSConfig(**self.mmfs)
         self.feature_levels = tuple(int(i) for i in self.feature_levels)
+        if self.negative_init not in NEGATIVE_INITS:
+            raise ValueError(f"decoder.negative_init must be one of {NEGATIVE_INITS}, got {self.negative_init!r}")
+        if self.negative_init == "empty_prompt" and self.condition is None:
+            raise ValueError("decoder.negative_init='empty_prompt' needs decoder.condition (a resampler): the per-token "
+                             "condition's one-token negative is no prompt's condition; use 'random'")
+        if self.context_positions not in CONTEXT_POSITIONS:
+            raise ValueError(f"decoder.context_positions must be one of {CONTEXT_POSITIONS}, got {self.context_positions!r}")
         if self.condition_layers not in CONDITION_LAYERS:
             raise ValueError(f"decoder.condition_layers must be one of {CONDITION_LAYERS}, got {self.condition_layers!r}")
         if self.diffusion_path is None and (self.unet_config is None or self.vae_config is None):
@@ -189,6 +212,23 @@ class DecoderConfig:
             raise ValueError(f"decoder.timestep_bias must be >= 0, got {self.timestep_bias}")
         if self.unet_micro_batch is not None and self.unet_micro_batch < 1:
             raise ValueError(f"decoder.unet_micro_batch must be >= 1 or None, got {self.unet_micro_batch}")
+
+
+@dataclass(frozen=True)
+class OptimizerGroups:
+    """Learning rates and weight decay of :meth:`~model.mm_interleaved.MMInterleaved.parameter_groups`; the defaults are
+    the public release's. Gates, sampling offsets, norms, biases and other 1-D parameters are never weight-decayed."""
+
+    lr: float = 1e-4
+    """Everything trained but the UNet and the sampling offsets: the vision side, the LLM's new parts and (unless
+    ``new_decoder_lr``) the decoder's new modules: its condition encoder, its MMFS blocks and the CFG negative."""
+    decoder_lr: float = 1e-5
+    """The UNet (pretrained Stable Diffusion in the release)."""
+    new_decoder_lr: float | None = None
+    """The decoder's new modules; ``None``: ``lr`` (the release)."""
+    offsets_lr: float | None = 1e-5
+    """Every MMFS ``sampling_offsets`` (the LLM's and the UNet's); ``None``: the rate of the module they belong to."""
+    weight_decay: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -209,6 +249,9 @@ class ScratchSizes:
     """MMFS offsets are in pixels of a ``mmfs_base``-square map (:attr:`MMFSConfig.base_spatial_shape`)."""
 
 
+IMAGE_LOSS_AVERAGES = ("all_images", "trained_images")
+
+
 @dataclass
 class MMInterleavedConfig:
     """The whole model."""
@@ -218,6 +261,10 @@ class MMInterleavedConfig:
     decoder: DecoderConfig
     text_loss_weight: float = 1.0
     image_loss_weight: float = 10.0
+    image_loss_average: str = "all_images"
+    """What the image loss is averaged over: ``"all_images"`` of the batch, those without a context (not trained)
+    counting as zeros (the release; on pair data with the image first half the time, half the weight of
+    ``"trained_images"``), or ``"trained_images"`` only."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward instead of keeping them: the LLM's decoder layers (their MMFS
     included), the vision pyramid's levels, every resampler layer, the UNet's blocks and its MMFS skips. Same losses
@@ -231,6 +278,8 @@ class MMInterleavedConfig:
             self.language = LanguageConfig(**self.language)
         if isinstance(self.decoder, dict):
             self.decoder = DecoderConfig(**self.decoder)
+        if self.image_loss_average not in IMAGE_LOSS_AVERAGES:
+            raise ValueError(f"image_loss_average must be one of {IMAGE_LOSS_AVERAGES}, got {self.image_loss_average!r}")
         num_levels = len(self.vision.pyramid_scales)
         for name, levels in (("language", self.language.feature_levels), ("decoder", self.decoder.feature_levels)):
             if not levels or any(not 0 <= i < num_levels for i in levels):
@@ -337,9 +386,13 @@ class MMInterleavedConfig:
                 scheduler_config=scheduler,
                 condition=None,  # per-token over every layer: see model.condition for what the 16-query resampler cost
                 condition_layers="all",
+                negative_init="random",  # a per-token condition has no empty-prompt negative of its width
+                # offsets in pixels of an mmfs_base map (mmfs_small), as the demo was measured, not of each skip's map
                 mmfs=MMFSConfig(offset_init=0.5, **mmfs_small) if mmfs else None,
+                mmfs_conv_in=False,  # as the demo was measured: the down blocks' skips only
                 timestep_bias=1.0,  # from scratch the decoder learns its condition from the noisy steps: model.condition
             ),
+            image_loss_average="trained_images",  # as the demo was measured: "all_images" halves the image loss on pairs
         )
 
     @classmethod
@@ -405,7 +458,7 @@ class MMInterleavedConfig:
             decoder=DecoderConfig(
                 **diffusion,
                 condition=ResamplerConfig(num_queries=77, hidden_size=1024, num_layers=1, num_heads=16),
-                mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=1.0, base_spatial_shape=16),
+                mmfs=MMFSConfig(num_heads=16, num_points=8, hidden_size=1024, offset_init=1.0, base_spatial_shape=None),
                 feature_levels=(0, 1, 2, 3),
                 unet_micro_batch=8,  # python -m pipelines.training.budget: the lowest activation peak of 1, 4, 8 and all (30)
             ),

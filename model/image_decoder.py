@@ -3,10 +3,11 @@
 - A Perceiver resampler maps the LLM's hidden states (document start .. ``<BoI>``, with 1-D
   sin-cos positions) to the UNet's condition tokens (77 in the paper).
 - MMFS blocks give the UNet pixel-aligned access to the previous images of the document: one
-  block per down-block skip tensor and one on the mid block (queries = LayerNorm(pixel feature)
+  block per skip tensor (``conv_in``'s output and each down block's) and one on the mid block (queries = LayerNorm(pixel feature)
   + 2-D sin-cos position, reference points = the pixel grid), each ending in a zero-initialised
   1x1 convolution whose output is added to that skip connection only (ControlNet-style). They
-  enter through forward hooks on the UNet's blocks; the UNet's source is untouched. The hooks
+  enter through forward hooks on the UNet's blocks (``conv_in``'s through a pre-hook on the last up block, where
+  its skip is read); the UNet's source is untouched. The hooks
   read the current :class:`DecoderContext` from this module only inside
   :meth:`ImageDecoder._mmfs_context` (a ``with`` block around one UNet call).
 - Classifier-free guidance: a learned negative condition replaces the condition with
@@ -90,7 +91,7 @@ class SkipMMFS(nn.Module):
         features = ImageFeatures(self.feature_norm(f.values), f.spatial_shapes, f.level_start_index)
         visible = context.visible[:, None, :].expand(n, h * w, -1)
         relative = context.relative_position[:, None, :].expand(n, h * w, -1)
-        out = self.mmfs(query, reference, features, visible, relative)
+        out = self.mmfs(query, reference, features, visible, relative, query_shape=(h, w))
         sees = context.visible.any(-1).to(feature.dtype)[:, None, None, None]
         return self.zero_conv(out.transpose(1, 2).reshape(n, c, h, w)) * sees
 
@@ -154,6 +155,10 @@ class ImageDecoder(nn.Module):
 
     # MMFS hooks -----------------------------------------------------------------------------
     def _add_mmfs_hooks(self, mmfs: MMFSConfig, feature_dim: int, num_levels: int) -> None:
+        """``skip_mmfs`` in the UNet's skip order (``conv_in``'s first when ``config.mmfs_conv_in``), then the mid block's."""
+        if self.config.mmfs_conv_in:
+            self.skip_mmfs.append(SkipMMFS(mmfs, self.unet.conv_in.out_channels, feature_dim, num_levels))
+            self.unet.up_blocks[-1].register_forward_pre_hook(self._conv_in_skip_hook, with_kwargs=True)
         for block in self.unet.down_blocks:
             channels = [resnet.out_channels for resnet in block.resnets]
             if getattr(block, "downsamplers", None) is not None:
@@ -176,6 +181,15 @@ class ImageDecoder(nn.Module):
             return hidden, skips
 
         return hook
+
+    def _conv_in_skip_hook(self, module, args, kwargs):
+        """``conv_in``'s output is the first skip tensor the last up block reads: its residual is added there, so
+        the down path keeps the plain ``conv_in`` output as the down blocks' hooks keep theirs."""
+        if self._context is None:
+            return None
+        first, *rest = kwargs["res_hidden_states_tuple"]
+        skips = (first + self._skip_residual(self.skip_mmfs[0], first), *rest)
+        return args, {**kwargs, "res_hidden_states_tuple": skips}
 
     def _mid_block_hook(self, module, args, output):
         if self._context is None:

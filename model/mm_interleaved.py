@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from model.batch import ImageLayout, InterleavedBatch, encode_document, tensor_to_image
-from model.config import LanguageConfig, MMInterleavedConfig
+from model.config import LanguageConfig, MMInterleavedConfig, OptimizerGroups
 from model.image_decoder import DecoderContext, ImageDecoder
 from model.language import LanguageModelOutput, MMFSContext, MMFSLanguageModel, document_causal_mask, positions_in_document
 from model.mmfs import ImageFeatures, flatten_feature_maps, visibility_and_relative_position
@@ -34,7 +34,8 @@ class MMInterleavedOutput:
     """Attributes:
     loss: scalar, ``text_loss_weight * text_loss + image_loss_weight * image_loss``.
     text_loss: scalar next-token cross-entropy over trained tokens.
-    image_loss: scalar mean diffusion MSE over trained images (0 when there are none).
+    image_loss: scalar diffusion MSE summed over trained images, divided by the batch's images or the trained ones
+        (``config.image_loss_average``); 0 when none is trained.
     logits: ``(B, T, V)``.
     num_trained_images: images that contributed to ``image_loss``.
     """
@@ -100,6 +101,9 @@ class MMInterleaved(nn.Module):
         )
         num_llm_states = llm.config.num_hidden_layers + 1 if config.decoder.condition_layers == "all" else 1
         self.decoder = ImageDecoder(config.decoder, hidden_size, feature_dim, len(config.decoder.feature_levels), num_llm_states)
+        if config.decoder.negative_init == "empty_prompt":
+            with torch.no_grad():
+                self.decoder.negative_condition.copy_(self.empty_prompt_condition())
         if config.gradient_checkpointing:
             for part in (self.vision, self.language, self.decoder):
                 part.enable_gradient_checkpointing()
@@ -154,8 +158,10 @@ class MMInterleaved(nn.Module):
         """Selected pyramid levels of every image, gathered per row slot: values ``(B, K_max, S, C)``."""
         return cls._gathered_features(maps, levels, layout.row_images, layout.slot_valid)
 
-    def _llm_context(self, document_ids: Tensor, positions: Tensor, layout: ImageLayout, vision: VisionOutput | None) -> MMFSContext | None:
-        """MMFS context for the tokens at ``positions (B, Tq)`` with documents ``document_ids (B, Tq)``."""
+    def _llm_context(self, document_ids: Tensor, positions: Tensor, layout: ImageLayout | None,
+                     vision: VisionOutput | None) -> MMFSContext | None:
+        """MMFS context for the tokens at ``positions (B, Tq)`` with documents ``document_ids (B, Tq)`` (``layout``
+        may be ``None`` without ``vision``)."""
         if not self.language.mmfs_layers:
             return None
         if vision is None or layout.num_images == 0:
@@ -217,6 +223,22 @@ class MMInterleaved(nn.Module):
         index = (begin[:, None] + offsets).clamp(max=t - 1)
         return hidden[rows[:, None], index], offsets[None] < lengths[:, None]
 
+    @torch.no_grad()
+    def empty_prompt_condition(self) -> Tensor:
+        """The decoder's condition tokens ``(N_cond, C)`` for an image with an empty prompt: the LLM's states of the
+        document start (``<s>`` where the tokenizer has one) and ``<BoI>``, the whole context such an image has,
+        through the condition encoder. What the release's negative condition starts as (Stable Diffusion's text
+        encoder on ``""``)."""
+        bos = self.tokenizer.bos_token_id
+        ids = torch.tensor([[self.boi_token_id] if bos is None else [bos, self.boi_token_id]], device=self.device)
+        docs, positions = torch.zeros_like(ids), torch.arange(ids.shape[1], device=ids.device)[None]
+        embeds = self.language.embed_tokens(ids)
+        mask = document_causal_mask(docs, positions, docs, positions, embeds.dtype)
+        context = self._llm_context(docs, positions, None, None)
+        lm = self.language(embeds, mask, positions, context, output_layer_states=self.decoder.layer_mix is not None)
+        states = self._condition_states(lm)
+        return self.decoder.encode_condition(states, torch.ones(states.shape[:2], dtype=torch.bool, device=ids.device)).tokens[0]
+
     def _text_targets(self, batch: InterleavedBatch) -> Tensor:
         """``(B, T - 1)`` next-token targets, ignoring placeholders, padding and document crossings."""
         ids, docs = batch.input_ids, batch.document_ids
@@ -273,28 +295,45 @@ class MMInterleaved(nn.Module):
                 hidden, hidden_mask = self._condition_inputs(self._condition_states(lm), docs, layout, targets_k)
                 condition = self.decoder.encode_condition(hidden, hidden_mask)
                 context = self._decoder_context(vision, layout, targets_k)
-                image_loss = self.decoder.loss(batch.images[targets_k], condition, context).mean()
+                average_over = layout.num_images if self.config.image_loss_average == "all_images" else trained
+                image_loss = self.decoder.loss(batch.images[targets_k], condition, context).sum() / average_over
 
         loss = self.config.text_loss_weight * text_loss + self.config.image_loss_weight * image_loss
         return MMInterleavedOutput(loss, text_loss, image_loss, lm.logits, trained)
 
-    def parameter_groups(self, lr: float = 1e-4, decoder_lr: float = 1e-5, weight_decay: float = 0.05) -> list[dict]:
-        """Optimizer groups by name: the decoder at ``decoder_lr``, the rest at ``lr``; no weight
-        decay for gates, sampling offsets, norms, biases and other 1-D parameters."""
-        groups: dict[tuple[bool, bool], dict] = {}
+    def parameter_groups(self, settings: OptimizerGroups = OptimizerGroups()) -> list[dict]:
+        """Optimizer groups by parameter name (see :class:`~model.config.OptimizerGroups`): ``decoder`` (the UNet) at
+        ``decoder_lr``, ``new_decoder`` (the decoder's other trained modules) at ``new_decoder_lr`` or ``lr``,
+        ``offsets`` (every MMFS ``sampling_offsets``) at ``offsets_lr``, ``main`` (the rest) at ``lr``; each split into
+        decayed and ``_no_decay`` (gates, sampling offsets, norms, biases and other 1-D parameters)."""
+        rates = {
+            "main": settings.lr,
+            "decoder": settings.decoder_lr,
+            "new_decoder": settings.lr if settings.new_decoder_lr is None else settings.new_decoder_lr,
+            "offsets": settings.offsets_lr,
+        }
+        groups: dict[tuple[str, bool], dict] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            is_decoder = name.startswith("decoder.")
-            no_decay = param.ndim < 2 or name.endswith(".gate") or ".sampling_offsets." in name or "norm" in name
+            offsets = ".sampling_offsets." in name
+            if offsets and settings.offsets_lr is not None:
+                role = "offsets"
+            elif name.startswith("decoder.unet."):
+                role = "decoder"
+            elif name.startswith("decoder."):
+                role = "new_decoder"
+            else:
+                role = "main"
+            no_decay = param.ndim < 2 or name.endswith(".gate") or offsets or "norm" in name
             group = groups.setdefault(
-                (is_decoder, no_decay),
+                (role, no_decay),
                 {
-                    "name": f"{'decoder' if is_decoder else 'main'}{'_no_decay' if no_decay else ''}",
+                    "name": f"{role}{'_no_decay' if no_decay and role != 'offsets' else ''}",
                     "params": [],
                     "param_names": [],
-                    "lr": decoder_lr if is_decoder else lr,
-                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "lr": rates[role],
+                    "weight_decay": 0.0 if no_decay else settings.weight_decay,
                 },
             )
             group["params"].append(param)

@@ -118,9 +118,11 @@ class MMFS(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """The release's init: offsets start at their bias alone (uniform within ``offset_init`` base pixels), the
+        attention logits at ``nn.Linear``'s default weights with a zero bias, the projections Xavier."""
         nn.init.zeros_(self.sampling_offsets.weight)
         nn.init.uniform_(self.sampling_offsets.bias, -self.config.offset_init, self.config.offset_init)
-        nn.init.zeros_(self.attention_logits.weight)
+        self.attention_logits.reset_parameters()
         nn.init.zeros_(self.attention_logits.bias)
         nn.init.normal_(self.relative_position.weight, std=0.02)
         for linear in (self.value_proj, self.output_proj, self.dynamic_query):
@@ -134,6 +136,7 @@ class MMFS(nn.Module):
         features: ImageFeatures,
         visible: Tensor,
         relative_position: Tensor,
+        query_shape: tuple[int, int] | None = None,
     ) -> Tensor:
         """Sample and mix the visible images' features.
 
@@ -143,6 +146,8 @@ class MMFS(nn.Module):
             features: values ``(N, K, S, C)`` and their level layout (L levels).
             visible: ``(N, Lq, K)`` bool, which image slots each query may see.
             relative_position: ``(N, Lq, K)`` int64, 1 = most recent visible image, 0 = invisible.
+            query_shape: ``(h, w)`` of the map whose pixels the queries are (``Lq = h * w``); offsets are in its
+                pixels when ``config.base_spatial_shape`` is ``None``.
 
         Returns:
             ``(N, Lq, output_dim)``.
@@ -162,7 +167,7 @@ class MMFS(nn.Module):
         offsets = self.sampling_offsets(per_image).view(n, lq, k, heads, 1, points, 2)
         if reference_points.dim() == 2:
             reference_points = reference_points.expand(n, lq, 2)
-        locations = reference_points[:, :, None, None, None, None, :] + offsets / self.config.base_spatial_shape
+        locations = reference_points[:, :, None, None, None, None, :] + offsets / self._offset_normaliser(query_shape, offsets)
         locations = locations.expand(n, lq, k, heads, levels, points, 2)
         locations = locations.permute(0, 1, 3, 2, 4, 5, 6).reshape(n, lq, heads, k * levels, points, 2)
 
@@ -188,6 +193,16 @@ class MMFS(nn.Module):
             weights.to(values.dtype).contiguous(),
         )  # (N, Lq, hidden)
         return self.output_proj(sampled) * visible.any(-1, keepdim=True).to(sampled.dtype)
+
+    def _offset_normaliser(self, query_shape: tuple[int, int] | None, offsets: Tensor) -> Tensor | int:
+        """What offsets in pixels are divided by to be normalised: ``base_spatial_shape``, or the query map's
+        ``(w, h)`` (as ``(x, y)``)."""
+        if self.config.base_spatial_shape is not None:
+            return self.config.base_spatial_shape
+        if query_shape is None:
+            raise ValueError("MMFS base_spatial_shape is None (offsets in the query map's pixels) but no query_shape was given")
+        h, w = query_shape
+        return torch.tensor([w, h], dtype=offsets.dtype, device=offsets.device)
 
 
 def visibility_and_relative_position(

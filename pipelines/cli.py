@@ -27,7 +27,7 @@ from typing import Any
 
 from pipelines.compute import Compute, offline_process
 from pipelines.evaluation.benchmarks import BENCHMARKS, BenchmarkFiles
-from pipelines.evaluation.run import EvaluationConfig, generation_arguments
+from pipelines.evaluation.run import SAMPLERS, EvaluationConfig, generation_arguments
 from pipelines.files import atomic_path
 from pipelines.training import train as training
 
@@ -140,7 +140,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     """:class:`EvaluationConfig` with the options given on the command line (the rest: its defaults)."""
-    given = {"tasks": tuple(args.tasks) if args.tasks else None, "limit": args.limit, "num_inference_steps": args.steps,
+    given = {"tasks": tuple(args.tasks) if args.tasks else None, "limit": args.limit, "sampler": args.sampler,
+             "num_inference_steps": args.steps,
              "guidance_scale": args.guidance_scale, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
              "inception_weights": args.inception_weights}
     try:
@@ -240,10 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-pattern", default=None, help="vqav2, okvqa: image file name pattern (default "
                                                                 f"{_default(BenchmarkFiles, 'image_pattern')})")
     evaluate.add_argument("--limit", type=int, default=None, help=f"items per task (default {defaults.limit}: all)")
-    evaluate.add_argument("--steps", type=int, default=None,
-                          help=f"diffusion inference steps per image (default {defaults.num_inference_steps})")
-    evaluate.add_argument("--guidance-scale", type=float, default=None,
-                          help="classifier-free guidance (default: MMInterleaved.generate's)")
+    evaluate.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
+                          help=f"named guidance scale and steps: {SAMPLERS} (None: MMInterleaved.generate's default; "
+                               f"default {defaults.sampler})")
+    evaluate.add_argument("--steps", type=int, default=None, help="diffusion inference steps per image (default: the sampler's)")
+    evaluate.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the sampler's)")
     evaluate.add_argument("--max-new-tokens", type=int, default=None,
                           help=f"text tokens per answer (default {defaults.max_new_tokens})")
     evaluate.add_argument("--seed", type=int, default=None, help=f"diffusion sampling seed (default {defaults.seed})")

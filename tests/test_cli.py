@@ -13,7 +13,7 @@ from PIL import Image
 from model.mm_interleaved import MMInterleaved
 from pipelines.cli import build_parser, main
 from pipelines.data.clip_score import ClipScorer
-from pipelines.evaluation.run import EvaluationConfig
+from pipelines.evaluation.run import EvaluationConfig, generation_arguments
 from pipelines.sample_world.world import WorldConfig, generate_world
 from pipelines.training.clip_scorer import tiny_clip_config
 
@@ -121,6 +121,22 @@ def test_eval_options_left_out_take_the_evaluation_defaults():
     args = build_parser().parse_args(["eval", "--checkpoint", "c", "--out", "o", "--eval-dir", "e", "--steps", "3",
                                       "--tasks", "vqa"])
     assert evaluation_config(args) == EvaluationConfig(num_inference_steps=3, tasks=("vqa",))
+
+
+def test_eval_samplers_name_the_demos_and_the_papers_settings():
+    """The paper's COCO FID settings (guidance 3.5, 250 steps) beside the release demo's (generate's 7.5 / 30) and
+    the CPU default; an option given wins over its sampler's value."""
+    from pipelines.cli import evaluation_config
+
+    args = build_parser().parse_args(["eval", "--checkpoint", "c", "--out", "o", "--eval-dir", "e", "--sampler", "paper"])
+    assert evaluation_config(args).sampling() == {"guidance_scale": 3.5, "num_inference_steps": 250}
+    defaults = inspect.signature(MMInterleaved.generate).parameters
+    demo = generation_arguments(MMInterleaved.generate, **EvaluationConfig(sampler="demo").sampling())
+    assert demo == {"guidance_scale": 7.5, "num_inference_steps": 30} == {k: defaults[k].default for k in demo}
+    assert EvaluationConfig().sampling() == {"guidance_scale": None, "num_inference_steps": 10}
+    assert EvaluationConfig(sampler="paper", num_inference_steps=50).sampling()["num_inference_steps"] == 50
+    with pytest.raises(ValueError, match="sampler"):
+        EvaluationConfig(sampler="fast")
 
 
 def test_cli_errors_name_the_bad_input(run_dir, tmp_path):

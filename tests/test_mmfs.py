@@ -1,8 +1,12 @@
 """MMFS: init, the sink, visibility masking, relative positions, and the op backends agree."""
 
+import dataclasses
+
+import pytest
 import torch
 
-from model.config import MMFSConfig
+from model.config import DecoderConfig, LanguageConfig, MMFSConfig
+from model.image_decoder import DecoderContext, SkipMMFS
 from model.mmfs import (
     MMFS,
     ImageFeatures,
@@ -27,15 +31,19 @@ def make_inputs(n=2, lq=5, k=3, c=8, seed=0):
 def make_mmfs(seed=0, active=True):
     torch.manual_seed(seed)
     mmfs = MMFS(CONFIG, query_dim=12, value_dim=8, output_dim=12, num_levels=2)
-    if active:  # move away from the zero init so logits depend on the query
+    if active:  # larger logits than the init, and offsets that depend on the query
         torch.nn.init.normal_(mmfs.attention_logits.weight, std=0.5)
         torch.nn.init.normal_(mmfs.sampling_offsets.weight, std=0.1)
     return mmfs
 
 
 def test_init_follows_the_release():
+    """Zero offset weights with a uniform bias; attention logits with nn.Linear's default weights (kaiming-uniform,
+    bound 1/sqrt(fan_in)) and a zero bias, so that the logits depend on the query from the first step."""
     mmfs = make_mmfs(active=False)
-    assert torch.all(mmfs.attention_logits.weight == 0) and torch.all(mmfs.attention_logits.bias == 0)
+    weight = mmfs.attention_logits.weight
+    assert torch.all(mmfs.attention_logits.bias == 0)
+    assert weight.std() > 0 and weight.abs().max() <= 1 / weight.shape[1] ** 0.5
     assert torch.all(mmfs.sampling_offsets.weight == 0)
     bias = mmfs.sampling_offsets.bias
     assert bias.abs().max() <= CONFIG.offset_init and bias.std() > 0
@@ -91,6 +99,7 @@ def test_weights_are_one_softmax_across_images():
     # logits are zero (joint softmax), independent of how the slots split across images.
     mmfs = MMFS(MMFSConfig(num_heads=1, num_points=2, hidden_size=1, offset_init=0.0, base_spatial_shape=4), 4, 1, 1, 1)
     with torch.no_grad():
+        mmfs.attention_logits.weight.zero_()
         mmfs.value_proj.weight.fill_(1.0)
         mmfs.value_proj.bias.zero_()
         mmfs.output_proj.weight.fill_(1.0)
@@ -130,3 +139,26 @@ def test_mmfs_cpu_kernel_matches_reference(monkeypatch):
     monkeypatch.setenv("WEFT_DEFORM_BACKEND", "cpu")
     out = mmfs(query, ref, features, visible, relative)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_offsets_are_in_pixels_of_the_query_map():
+    """The release's UNet MMFS normalises offsets by the query map's own resolution, not a fixed base: on a 4x4 skip
+    map the same weights sample as with base 4, not as with base 16; text queries (no map) must name a base."""
+    config = MMFSConfig(num_heads=2, num_points=3, hidden_size=8, offset_init=2.0, base_spatial_shape=None, max_images=4)
+    assert DecoderConfig(unet_config={}, vae_config={}).mmfs.base_spatial_shape is None
+    _, features, _, _ = make_inputs(n=2, k=3)
+    context = DecoderContext(features, torch.tensor([[True, True, False], [True, False, False]]), torch.tensor([[2, 1, 0], [1, 0, 0]]))
+    feature = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for base in (None, 4, 16):
+        torch.manual_seed(0)
+        block = SkipMMFS(dataclasses.replace(config, base_spatial_shape=base), 8, 8, 2)
+        torch.nn.init.normal_(block.zero_conv.weight)
+        outputs[base] = block(feature, context)
+    torch.testing.assert_close(outputs[None], outputs[4])
+    assert not torch.allclose(outputs[None], outputs[16])
+    query, features, visible, relative = make_inputs()
+    with pytest.raises(ValueError, match="query_shape"):
+        MMFS(config, 12, 8, 12, 2)(query, torch.full((5, 2), 0.5), features, visible, relative)
+    with pytest.raises(ValueError, match="language.mmfs.base_spatial_shape"):
+        LanguageConfig(llm_config={"model_type": "llama"}, mmfs=config)

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from model.condition import Condition, LayerMix
-from model.config import MMInterleavedConfig, ResamplerConfig
+from model.condition import Condition, LayerMix, ResampledCondition
+from model.config import SD21_BASE_SCHEDULER, SD21_BASE_UNET, SD21_BASE_VAE, DecoderConfig, MMInterleavedConfig, ResamplerConfig
 from model.image_decoder import DecoderContext, ImageDecoder
 from model.mmfs import ImageFeatures, flatten_feature_maps
 from model.vision import ImageTokenizer
@@ -64,6 +64,52 @@ def test_decoder_mmfs_is_zero_at_init_and_live_after_the_zero_convs_move(config)
     assert not torch.allclose(with_images, plain)
     assert not torch.allclose(with_images, with_other_images)
     assert decoder._context is None  # the context lives only inside one UNet call
+
+
+def test_conv_in_skip_gets_mmfs_as_the_release(config):
+    """12 skip blocks + mid for SD-2.1 (conv_in's output, then each down block's resnets and downsampler); conv_in's
+    residual reaches the output through its skip only, the down path keeps the plain conv_in output."""
+    sd21 = DecoderConfig(unet_config=SD21_BASE_UNET, vae_config=SD21_BASE_VAE, scheduler_config=SD21_BASE_SCHEDULER)
+    with torch.device("meta"):
+        decoder = ImageDecoder(sd21, llm_hidden_size=5120, feature_dim=1024, num_levels=4)
+    assert [b.zero_conv.out_channels for b in decoder.skip_mmfs] == [320] * 4 + [640] * 3 + [1280] * 5
+    assert decoder.mid_mmfs is not None
+
+    torch.manual_seed(0)
+    decoder = ImageDecoder(dataclasses.replace(config.decoder, mmfs_conv_in=True), llm_hidden_size=64, feature_dim=32,
+                           num_levels=4).eval()
+    assert len(decoder.skip_mmfs) == 4 and decoder.skip_mmfs[0].zero_conv.out_channels == decoder.unet.conv_in.out_channels
+    down_inputs = []
+    decoder.unet.down_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: down_inputs.append(kwargs["hidden_states"]), with_kwargs=True)
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    condition = Condition(torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool))
+    with torch.no_grad():
+        torch.nn.init.normal_(decoder.skip_mmfs[0].zero_conv.weight, std=0.1)
+        plain = decoder.unet_forward(latents, t, condition, None)
+        with_images = decoder.unet_forward(latents, t, condition, context_for(2, 2))
+    assert not torch.allclose(with_images, plain)
+    torch.testing.assert_close(down_inputs[1], down_inputs[0])
+
+
+def test_context_positions_count_back_from_boi_as_the_release(config):
+    """The token before <BoI> (here the last real one) is at position 0 whatever the context's length: the condition of
+    a padded context is the unpadded one's, and reading the context forward from <BoI> gives the release's reversed
+    context (the resampler's attention is blind to order but for the positions)."""
+    resampled = dataclasses.replace(config.decoder, condition=ResamplerConfig(num_queries=5, hidden_size=32, num_layers=1, num_heads=2))
+    assert resampled.context_positions == "from_boi"
+    torch.manual_seed(0)
+    from_boi = ResampledCondition(resampled, 64, 32).eval()
+    from_start = ResampledCondition(dataclasses.replace(resampled, context_positions="from_start"), 64, 32).eval()
+    from_start.load_state_dict(from_boi.state_dict())
+    hidden, full = torch.randn(1, 6, 64), torch.ones(1, 6, dtype=torch.bool)
+    padded, mask = torch.cat([hidden, torch.randn(1, 3, 64)], 1), torch.cat([full, torch.zeros(1, 3, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(from_boi(padded, mask).tokens, from_boi(hidden, full).tokens)
+        torch.testing.assert_close(from_boi(hidden, full).tokens, from_start(hidden.flip(1), full).tokens)
+        assert not torch.allclose(from_boi(hidden, full).tokens, from_start(hidden, full).tokens)
+    with pytest.raises(ValueError, match="decoder.context_positions"):
+        dataclasses.replace(resampled, context_positions="backwards")
 
 
 def test_decoder_loss_and_sampling(config):

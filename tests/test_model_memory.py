@@ -67,8 +67,8 @@ def reference():
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(reference, condition):
     model, batch, expected = reference
     config = MMInterleavedConfig.tiny()
-    if condition is not None:  # the paper's condition resampler (checkpointed too)
-        config.decoder = dataclasses.replace(config.decoder, condition=condition)
+    if condition is not None:  # the paper's condition resampler (checkpointed too), the release's conv_in MMFS
+        config.decoder = dataclasses.replace(config.decoder, condition=condition, mmfs_conv_in=True, negative_init="empty_prompt")
         model = build(config)
         expected = loss_and_grads(model, batch)
     checkpointed = build(dataclasses.replace(config, gradient_checkpointing=True), model.state_dict())

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from model.batch import InterleavedBatch, document_ids_from_cu_seqlens
-from model.config import MMInterleavedConfig
+from model.config import MMInterleavedConfig, OptimizerGroups, ResamplerConfig
+from model.language import document_causal_mask
 from model.mm_interleaved import MMInterleaved
 from tiny_inputs import tiny_batch, tiny_tokenizer
 
@@ -128,7 +129,7 @@ def test_overfit_one_batch_halves_text_and_image_loss():
         return text, image
 
     text0, image0 = evaluate()
-    optimizer = torch.optim.AdamW(model.parameter_groups(lr=3e-3, decoder_lr=3e-3, weight_decay=0.0))
+    optimizer = torch.optim.AdamW(model.parameter_groups(OptimizerGroups(lr=3e-3, decoder_lr=3e-3, offsets_lr=None, weight_decay=0.0)))
     for step in range(20):
         torch.manual_seed(step)
         loss = model(batch).loss
@@ -152,15 +153,80 @@ def test_generate_with_forced_boi_returns_text_and_an_image(model):
     assert out.token_ids[boi + 1 : boi + 1 + n] == [model.image_token_id] * n
 
 
-def test_parameter_groups(model):
-    groups = {g["name"]: g for g in model.parameter_groups(lr=1e-4, decoder_lr=1e-5, weight_decay=0.05)}
-    assert groups["decoder"]["lr"] == 1e-5 and groups["main"]["lr"] == 1e-4
-    no_decay = set(groups["main_no_decay"]["param_names"]) | set(groups["decoder_no_decay"]["param_names"])
-    assert "language.mmfs_blocks.0.gate" in no_decay
-    assert "language.mmfs_blocks.0.mmfs.sampling_offsets.weight" in no_decay
-    assert "language.mmfs_blocks.0.mmfs.value_proj.weight" in groups["main"]["param_names"]
-    named = sum(len(g["params"]) for g in groups.values())
-    assert named == sum(1 for p in model.parameters() if p.requires_grad)
+def test_image_loss_averages_over_all_images_as_the_release(model):
+    """The release divides the trained images' summed loss by every image of the batch (zeros for the untrained);
+    ``trained_images`` by the trained ones only."""
+    assert MMInterleavedConfig.tiny().image_loss_average == "trained_images"  # the demo's recipe, kept
+    batch = tiny_batch(model)
+    model.eval()
+    losses = {}
+    try:
+        for average in ("all_images", "trained_images"):
+            model.config.image_loss_average = average
+            torch.manual_seed(3)
+            with torch.no_grad():
+                out = model(batch)
+            losses[average] = out.image_loss
+    finally:
+        model.config.image_loss_average = "trained_images"
+    assert 0 < out.num_trained_images < len(batch.images)
+    torch.testing.assert_close(losses["all_images"], losses["trained_images"] * out.num_trained_images / len(batch.images))
+    with pytest.raises(ValueError, match="image_loss_average"):
+        dataclasses.replace(MMInterleavedConfig.tiny(), image_loss_average="images")
+
+
+def test_cfg_negative_starts_as_the_empty_prompts_condition():
+    """The release starts its negative condition from Stable Diffusion's empty-prompt embedding; weft's is the condition
+    its own path gives an image with an empty prompt (<s> <BoI>): the same as the condition a training batch computes
+    for such an image."""
+    config = MMInterleavedConfig.tiny()
+    config.decoder = dataclasses.replace(config.decoder, negative_init="empty_prompt",
+                                         condition=ResamplerConfig(num_queries=5, hidden_size=32, num_layers=1, num_heads=2))
+    torch.manual_seed(0)
+    model = MMInterleaved.from_config(config, tiny_tokenizer()).eval()
+    negative = model.decoder.negative_condition.detach()
+    torch.testing.assert_close(negative, model.empty_prompt_condition())
+    # the condition a training batch's path (its layout, cut at <BoI>) gives the image of "<s> <BoI> <image>..."
+    ids = torch.tensor([[model.tokenizer.bos_token_id, model.boi_token_id] + [model.image_token_id] * model.num_visual_tokens])
+    docs, positions = torch.zeros_like(ids), torch.arange(ids.shape[1])[None]
+    mask = document_causal_mask(docs, positions, docs, positions, torch.float32)
+    with torch.no_grad():
+        lm = model.language(model.language.embed_tokens(ids), mask, positions, model._llm_context(docs, positions, None, None),
+                            output_layer_states=True)
+        states, valid = model._condition_inputs(model._condition_states(lm), docs, model._layout(ids, docs), torch.tensor([0]))
+        torch.testing.assert_close(model.decoder.encode_condition(states, valid).tokens[0], negative)
+    assert negative.std() > 0.1  # not the random init's 0.02
+    with pytest.raises(ValueError, match="decoder.negative_init"):
+        dataclasses.replace(config.decoder, condition=None)
+
+
+def test_parameter_groups_follow_the_release(model):
+    """New decoder modules at the main rate, the UNet at the decoder's, every sampling offset at its own without
+    weight decay (the release's 1e-4 / 1e-5 / 1e-5)."""
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    names = {name: g for g in groups.values() for name in g["param_names"]}
+    assert names["decoder.unet.conv_in.weight"]["lr"] == 1e-5
+    for new in ("decoder.condition.project.weight", "decoder.skip_mmfs.0.mmfs.value_proj.weight",
+                "decoder.mid_mmfs.zero_conv.weight", "decoder.negative_condition",
+                "language.mmfs_blocks.0.mmfs.value_proj.weight"):
+        assert names[new]["lr"] == 1e-4, new
+    for offsets in ("language.mmfs_blocks.0.mmfs.sampling_offsets.weight", "decoder.skip_mmfs.0.mmfs.sampling_offsets.bias"):
+        assert names[offsets] is groups["offsets"], offsets
+    assert groups["offsets"]["lr"] == 1e-5 and groups["offsets"]["weight_decay"] == 0.0
+    assert names["language.mmfs_blocks.0.gate"]["weight_decay"] == 0.0
+    assert names["language.mmfs_blocks.0.mmfs.value_proj.weight"]["weight_decay"] == 0.05
+    assert len(names) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_parameter_groups_can_keep_offsets_and_new_modules_with_their_module(model):
+    rates = OptimizerGroups(lr=1e-3, decoder_lr=2e-3, new_decoder_lr=2e-3, offsets_lr=None)
+    groups = model.parameter_groups(rates)
+    names = {name: g for g in groups for name in g["param_names"]}
+    assert "offsets" not in {g["name"] for g in groups}
+    assert names["decoder.skip_mmfs.0.mmfs.sampling_offsets.bias"]["lr"] == 2e-3
+    assert names["decoder.condition.project.weight"]["lr"] == 2e-3
+    assert names["language.mmfs_blocks.0.mmfs.sampling_offsets.weight"]["lr"] == 1e-3
+    assert names["language.mmfs_blocks.0.mmfs.sampling_offsets.weight"]["weight_decay"] == 0.0
 
 
 def outputs(model, batch):

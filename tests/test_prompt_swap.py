@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from model.batch import InterleavedBatch, encode_document
-from model.config import MMInterleavedConfig
+from model.config import MMInterleavedConfig, OptimizerGroups
 from model.image_decoder import fit_vae
 from model.mm_interleaved import MMInterleaved
 from tests.tiny_inputs import square_image, tiny_tokenizer
@@ -41,7 +41,7 @@ def test_swapping_the_prompt_swaps_the_picture():
     size = model.image_size[0]
     images = {"red": square_image("red", size), "blue": square_image("blue", size, offset=-size // 8)}
     fit_vae(model.decoder.vae, torch.stack(list(images.values())), steps=300, batch_size=2)  # a VAE that tells red from blue
-    optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-3, decoder_lr=2e-3), betas=(0.9, 0.995))
+    optimizer = torch.optim.AdamW(model.parameter_groups(OptimizerGroups(lr=1e-3, decoder_lr=2e-3, new_decoder_lr=2e-3, offsets_lr=None)), betas=(0.9, 0.995))
     batch = _batch(model, images, repeat=4)
     model.train()
     for _ in range(STEPS):

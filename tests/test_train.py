@@ -87,6 +87,16 @@ def test_config_is_checked(tmp_path, overrides, message):
         TrainConfig(**fields)
 
 
+def test_optimizer_defaults_are_the_releases(tmp_path):
+    """AdamW (0.9, 0.995) with eps 1e-6; 1e-4 for new modules (the decoder's too), 1e-5 for the UNet and every
+    sampling offset; and what the model's groups get is what the config says."""
+    config = TrainConfig(run_dir=str(tmp_path), shards=str(tmp_path), offsets_lr=None, new_decoder_lr=2e-3)
+    assert TrainConfig.eps == 1e-6 and TrainConfig.betas == (0.9, 0.995)
+    assert (TrainConfig.lr, TrainConfig.decoder_lr, TrainConfig.new_decoder_lr, TrainConfig.offsets_lr) == (1e-4, 1e-5, None, 1e-5)
+    groups = config.optimizer_groups()
+    assert (groups.lr, groups.decoder_lr, groups.new_decoder_lr, groups.offsets_lr, groups.weight_decay) == (1e-4, 1e-5, 2e-3, None, 0.05)
+
+
 def test_nan_loss_skips_the_micro_batch_and_is_logged(data, tmp_path):
     config = _config(data, tmp_path / "run", max_steps=3, checkpoint_every=3)
     model = build_model(config)

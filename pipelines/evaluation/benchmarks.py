@@ -199,8 +199,7 @@ def evaluate_benchmark(checkpoint: str | Path, files: BenchmarkFiles, config: Ev
     start = time.perf_counter()
     with compute.threads():
         model, model_dir, step = load_for_evaluation(checkpoint, compute)
-        sampling = generation_arguments(model.generate, num_inference_steps=config.num_inference_steps,
-                                        guidance_scale=config.guidance_scale, max_new_tokens=config.max_new_tokens)
+        sampling = generation_arguments(model.generate, **config.sampling(), max_new_tokens=config.max_new_tokens)
         generator = torch.Generator(device=compute.device).manual_seed(config.seed)
         items = itertools.islice(read_benchmark(files), config.limit)
         if files.name == "coco":

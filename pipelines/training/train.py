@@ -52,7 +52,7 @@ from model.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from model.config import MMInterleavedConfig
+from model.config import MMInterleavedConfig, OptimizerGroups
 from pipelines.compute import cpu_threads, offline_process
 from pipelines.data.loader import collate_sequences, sequence_dataset
 from pipelines.data.shards import read_index
@@ -89,14 +89,20 @@ class TrainConfig:
     """Packed sequences per rank per micro-batch."""
     grad_accum_steps: Annotated[int, Ge(1)] = 1
     """Micro-batches per optimizer step; the global batch is ``batch_size * grad_accum_steps * world_size``."""
-    lr: Annotated[float, Gt(0)] = 1e-4
-    """Peak learning rate of everything but the image decoder."""
-    decoder_lr: Annotated[float, Ge(0)] = 1e-5
-    """Peak learning rate of the image decoder."""
-    weight_decay: Annotated[float, Ge(0)] = 0.05
+    lr: Annotated[float, Gt(0)] = OptimizerGroups.lr
+    """Peak learning rate of everything but the UNet and the sampling offsets (the decoder's new modules included
+    unless ``new_decoder_lr``): :class:`model.config.OptimizerGroups`, as the other rates."""
+    decoder_lr: Annotated[float, Ge(0)] = OptimizerGroups.decoder_lr
+    """Peak learning rate of the UNet."""
+    new_decoder_lr: Annotated[float, Ge(0)] | None = OptimizerGroups.new_decoder_lr
+    """Peak learning rate of the decoder's new modules (condition encoder, UNet MMFS, CFG negative); ``None``: ``lr``."""
+    offsets_lr: Annotated[float, Ge(0)] | None = OptimizerGroups.offsets_lr
+    """Peak learning rate of every MMFS ``sampling_offsets``; ``None``: the rate of the module they belong to."""
+    weight_decay: Annotated[float, Ge(0)] = OptimizerGroups.weight_decay
     """AdamW weight decay (gates, sampling offsets, norms and biases are excluded by the model's groups)."""
     betas: tuple[float, float] = (0.9, 0.995)
-    eps: Annotated[float, Gt(0)] = 1e-8
+    eps: Annotated[float, Gt(0)] = 1e-6
+    """Adam's epsilon (the release's 1e-6)."""
     warmup_steps: Annotated[int, Ge(0)] = 1000
     """Linear warmup steps."""
     schedule: Literal[SCHEDULES] = "cosine"
@@ -199,6 +205,9 @@ class TrainConfig:
             return cls(**fields)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
+
+    def optimizer_groups(self) -> OptimizerGroups:
+        return OptimizerGroups(self.lr, self.decoder_lr, self.new_decoder_lr, self.offsets_lr, self.weight_decay)
 
     def model_config(self) -> MMInterleavedConfig:
         if self.model == "tiny":
@@ -529,7 +538,7 @@ def train(config: TrainConfig, *, model=None, data=None) -> TrainResult:
             model.load_state_dict(load_file(str(checkpoint / MODEL_DIR / model.weights_name)), strict=False)
 
         # optimizer, schedule, engine
-        groups = model.parameter_groups(config.lr, config.decoder_lr, config.weight_decay)
+        groups = model.parameter_groups(config.optimizer_groups())
         for group in groups:
             group.pop("param_names")
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
