@@ -47,7 +47,8 @@ def test_forward_backward_reaches_mmfs_resampler_and_unet(model):
         "language.mmfs_blocks.0.mmfs.value_proj.weight",
         "language.mmfs_blocks.2.mmfs.sampling_offsets.bias",
         "vision.resampler.queries",
-        "vision.pyramid.1.project.0.weight",  # level 0 feeds only the (zero-init) UNet MMFS,
+        "vision.pyramid.spatial_prior.projections.1.weight",  # level 0 feeds only the (zero-init) UNet MMFS,
+        "vision.pyramid.interactions.0.injector.gamma",
         "decoder.condition.project.weight",
         "decoder.layer_mix.logits",
         "decoder.unet.conv_in.weight",
@@ -218,6 +219,7 @@ def small_trainable_parts(config):
     """The paper preset with its trainable modules shrunk (the frozen parts still come from the paths)."""
     small = MMInterleavedConfig.tiny()
     config.vision.pyramid_channels = 32
+    config.vision.adapter = small.vision.adapter
     config.vision.resampler = dataclasses.replace(small.vision.resampler, num_queries=config.vision.resampler.num_queries)
     config.language.mmfs = dataclasses.replace(config.language.mmfs, hidden_size=64)
     config.decoder.mmfs = dataclasses.replace(config.decoder.mmfs, hidden_size=64)
