@@ -251,7 +251,8 @@ class ScratchSizes:
     llm_width: int = 64
     llm_layers: int = 4
     unet_channels: tuple[int, int] = (32, 64)
-    """The UNet's two levels; the first is also the width of the condition, the pyramid and every MMFS."""
+    """The UNet's two levels; the first is also the width of the condition, the pyramid and every MMFS (the ViT-Adapter's
+    maps have the ViT's width, so ``vit_width`` must equal it)."""
     vae_channels: tuple[int, ...] = (16, 32)
     """One VAE level per entry: latents are ``image_size / 2**(len - 1)`` on a side."""
     mmfs_base: int = 4

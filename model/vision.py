@@ -1,6 +1,6 @@
 """Image tokenizer: frozen open_clip ViT -> multi-scale feature pyramid -> Perceiver Resampler.
 
-The pyramid is chosen by :attr:`VisionConfig.pyramid` from :data:`PYRAMIDS`: the paper's trainable ViT-Adapter
+The pyramid is chosen by :attr:`VisionConfig.pyramid` from :data:`PYRAMID_BUILDERS`: the paper's trainable ViT-Adapter
 (:mod:`model.vit_adapter`: a convolutional stem on the pixels interacting with the frozen ViT's layers), or a
 simpler ViTDet-style pyramid over the last ViT layer's patch grid (:class:`SimplePyramid`), which has no detail finer
 than a patch. Either gives the ViT's last patch tokens, which the resampler turns into N visual tokens in the LLM's
@@ -126,7 +126,7 @@ class SimplePyramid(nn.Module):
         return grid.flatten(2).transpose(1, 2), maps
 
 
-PYRAMIDS = {
+PYRAMID_BUILDERS = {
     "vit_adapter": lambda config, vit, channels: ViTAdapter(config.adapter, vit, channels),
     "simple": SimplePyramid,
 }
@@ -155,7 +155,7 @@ class ImageTokenizer(nn.Module):
         self.vit.eval()
         width = self.vit.conv1.out_channels
         self.image_size = tuple(self.vit.image_size)
-        self.pyramid = PYRAMIDS[config.pyramid](config, self.vit, config.pyramid_channels)
+        self.pyramid = PYRAMID_BUILDERS[config.pyramid](config, self.vit, config.pyramid_channels)
         self.resampler = PerceiverResampler(config.resampler, width, output_dim)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from model.config import MMInterleavedConfig, ViTAdapterConfig
-from model.vision import ImageTokenizer
+from model.config import PYRAMIDS, MMInterleavedConfig, ViTAdapterConfig
+from model.vision import PYRAMID_BUILDERS, ImageTokenizer
 from model.vit_adapter import interaction_segments
 
 
@@ -120,6 +120,10 @@ def test_the_paper_preset_gives_the_releases_pyramid_on_fake_tensors():
     assert adapter.segments == [(0, 5), (6, 11), (12, 17), (18, 23)]
     assert [len(i.extractors) for i in adapter.interactions] == [1, 1, 1, 3]
     assert adapter.spatial_prior.projections[0].in_channels == 64
+
+
+def test_every_configurable_pyramid_has_a_builder():
+    assert tuple(PYRAMID_BUILDERS) == PYRAMIDS
 
 
 def test_a_pyramid_wider_than_the_vit_is_refused():
