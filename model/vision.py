@@ -1,9 +1,9 @@
 """Image tokenizer: frozen open_clip ViT -> multi-scale feature pyramid -> Perceiver Resampler.
 
-The pyramid is chosen by :attr:`VisionConfig.pyramid` from :data:`PYRAMID_BUILDERS`: the paper's trainable ViT-Adapter
-(:mod:`model.vit_adapter`: a convolutional stem on the pixels interacting with the frozen ViT's layers), or a
-simpler ViTDet-style pyramid over the last ViT layer's patch grid (:class:`SimplePyramid`), which has no detail finer
-than a patch. Either gives the ViT's last patch tokens, which the resampler turns into N visual tokens in the LLM's
+The pyramid is chosen by :attr:`VisionConfig.pyramid` from :data:`PYRAMID_BUILDERS`: the paper's trainable
+ViT-Adapter (:mod:`model.vit_adapter`: a convolutional stem on the pixels interacting with the frozen ViT's layers),
+or a simpler ViTDet-style pyramid over the last ViT layer's patch grid (:class:`SimplePyramid`), which has no detail
+finer than a patch. Either gives the ViT's last patch tokens, which the resampler turns into N visual tokens in the LLM's
 width.
 """
 

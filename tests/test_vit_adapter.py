@@ -126,6 +126,15 @@ def test_every_configurable_pyramid_has_a_builder():
     assert tuple(PYRAMID_BUILDERS) == PYRAMIDS
 
 
+def test_the_simple_pyramid_gives_the_same_shapes(tokenizer):
+    """``pyramid="simple"`` (learned resamplings of the last ViT layer's grid) is a drop-in for the adapter."""
+    simple = ImageTokenizer(dataclasses.replace(tokenizer.config, pyramid="simple"), output_dim=64).train()
+    images = torch.rand(2, 3, 32, 32)
+    got, expected = simple(images), tokenizer(images)
+    assert [m.shape for m in got.feature_maps] == [m.shape for m in expected.feature_maps]
+    assert got.visual_tokens.shape == expected.visual_tokens.shape
+
+
 def test_a_pyramid_wider_than_the_vit_is_refused():
     vision = MMInterleavedConfig.tiny().vision
     with pytest.raises(ValueError, match="ViT's width 32"):
