@@ -13,6 +13,7 @@ from model.config import (
     MMInterleavedConfig,
     ResamplerConfig,
     VisionConfig,
+    ViTAdapterConfig,
 )
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "MMInterleavedConfig",
     "ResamplerConfig",
     "VisionConfig",
+    "ViTAdapterConfig",
     "document_ids_from_cu_seqlens",
 ]

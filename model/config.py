@@ -70,6 +70,44 @@ class ResamplerConfig:
             raise ValueError(f"resampler hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
 
+PYRAMIDS = ("vit_adapter", "simple")
+
+
+@dataclass
+class ViTAdapterConfig:
+    """ViT-Adapter (Chen et al. 2022) as the MM-Interleaved release uses it: a convolutional stem on the pixels gives
+    maps at 4x, 2x, 1x and 1/2x the ViT's patch grid, which interact with the frozen ViT through deformable attention
+    (:mod:`model.vit_adapter`)."""
+
+    layers: tuple[int, ...] | None = None
+    """ViT layers (0-based) that end an interaction: the injector runs before the layers up to one, the extractors after
+    it (the release: 5, 11, 17, 23 of ViT-L's 24). ``None``: four evenly spaced (one per layer for a ViT of fewer); the
+    last must be the ViT's last layer."""
+    num_heads: int = 16
+    """Heads of every deformable attention; ``value_ratio`` x the ViT's width must be divisible by it."""
+    num_points: int = 4
+    """Sampling points per head and level."""
+    stem_channels: int = 64
+    """Channels of the stem's 1/4 map (1/8: twice, 1/16 and 1/32: four times), before each is projected to the ViT's
+    width."""
+    value_ratio: float = 0.5
+    """Width of the attentions' projected values, relative to the ViT's width."""
+    ffn_ratio: float = 0.25
+    """Hidden width of the extractors' convolutional FFN, relative to the ViT's width."""
+    final_extractors: int = 3
+    """Extractors of the last interaction (the release adds two to its one)."""
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = tuple(int(i) for i in self.layers)
+            if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:])) or self.layers[0] < 0:
+                raise ValueError(f"adapter layers {self.layers} must be non-negative and strictly increasing")
+        if min(self.num_heads, self.num_points, self.stem_channels, self.final_extractors) < 1:
+            raise ValueError("adapter num_heads, num_points, stem_channels and final_extractors must be >= 1")
+        if self.value_ratio <= 0 or self.ffn_ratio <= 0:
+            raise ValueError("adapter value_ratio and ffn_ratio must be > 0")
+
+
 @dataclass
 class VisionConfig:
     """Image tokenizer: frozen open_clip ViT -> feature pyramid -> resampler -> visual tokens."""
@@ -81,19 +119,30 @@ class VisionConfig:
     """Local CLIP weights: an open_clip state dict (``.safetensors``, ``.bin``, ``.pt``) or a Hugging Face
     ``CLIPModel`` / ``CLIPVisionModel`` folder (see ``model.clip_weights``); ``None``: random init, for
     models trained from scratch only (the ViT is frozen)."""
+    pyramid: str = "vit_adapter"
+    """How the multi-scale maps are made: ``"vit_adapter"`` (the paper's, :attr:`adapter`; its maps carry detail finer
+    than a patch) or ``"simple"`` (learned resamplings of the last ViT layer's grid, :class:`model.vision.SimplePyramid`)."""
+    adapter: ViTAdapterConfig = field(default_factory=ViTAdapterConfig)
+    """The ViT-Adapter's sizes (``pyramid="vit_adapter"`` only)."""
     pyramid_channels: int = 1024
-    """Channels of every pyramid level (the MMFS value input)."""
+    """Channels of every pyramid level (the MMFS value input); the ViT-Adapter's are the ViT's width."""
     pyramid_scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
-    """Level sizes relative to the ViT patch grid, largest first."""
+    """Level sizes relative to the ViT patch grid, largest first (the ViT-Adapter makes all four)."""
     resampler: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(output_init_std=1e-3))
 
     def __post_init__(self) -> None:
         if isinstance(self.resampler, dict):
             self.resampler = ResamplerConfig(**self.resampler)
+        if isinstance(self.adapter, dict):
+            self.adapter = ViTAdapterConfig(**self.adapter)
         self.pyramid_scales = tuple(float(s) for s in self.pyramid_scales)
         for scale in self.pyramid_scales:
             if scale not in (4.0, 2.0, 1.0, 0.5):
                 raise ValueError(f"pyramid scale {scale} is not one of 4, 2, 1, 0.5")
+        if self.pyramid not in PYRAMIDS:
+            raise ValueError(f"vision.pyramid must be one of {PYRAMIDS}, got {self.pyramid!r}")
+        if self.pyramid == "vit_adapter" and self.pyramid_scales != (4.0, 2.0, 1.0, 0.5):
+            raise ValueError(f"the ViT-Adapter makes the levels (4, 2, 1, 0.5), not {self.pyramid_scales}")
 
     @property
     def num_visual_tokens(self) -> int:
@@ -242,7 +291,8 @@ class ScratchSizes:
     llm_width: int = 64
     llm_layers: int = 4
     unet_channels: tuple[int, int] = (32, 64)
-    """The UNet's two levels; the first is also the width of the condition, the pyramid and every MMFS."""
+    """The UNet's two levels; the first is also the width of the condition, the pyramid and every MMFS (the ViT-Adapter's
+    maps have the ViT's width, so ``vit_width`` must equal it)."""
     vae_channels: tuple[int, ...] = (16, 32)
     """One VAE level per entry: latents are ``image_size / 2**(len - 1)`` on a side."""
     mmfs_base: int = 4
@@ -267,9 +317,9 @@ class MMInterleavedConfig:
     ``"trained_images"``), or ``"trained_images"`` only."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward instead of keeping them: the LLM's decoder layers (their MMFS
-    included), the vision pyramid's levels, every resampler layer, the UNet's blocks and its MMFS skips. Same losses
-    and gradients, about one more forward of compute. The frozen ViT runs without autograd and keeps no activations
-    either way."""
+    included), the vision pyramid (the ViT-Adapter's stem and each interaction, the frozen ViT layers it runs
+    included; the simple pyramid's levels), every resampler layer, the UNet's blocks and its MMFS skips. Same losses
+    and gradients, about one more forward of compute."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -369,6 +419,7 @@ class MMInterleavedConfig:
         return cls(
             vision=VisionConfig(
                 clip_model=clip,
+                adapter=ViTAdapterConfig(num_heads=4, stem_channels=16),
                 pyramid_channels=cross_dim,
                 resampler=ResamplerConfig(num_queries=num_visual_tokens, hidden_size=cross_dim, num_layers=2, num_heads=2, mlp_ratio=2.0, output_init_std=1e-3),
             ),
@@ -445,6 +496,7 @@ class MMInterleavedConfig:
             vision=VisionConfig(
                 clip_model=clip_model,
                 clip_checkpoint=clip_checkpoint,
+                adapter=ViTAdapterConfig(layers=(5, 11, 17, 23)),  # the release's interactions
                 pyramid_channels=1024,
                 resampler=ResamplerConfig(num_queries=num_visual_tokens, hidden_size=768, num_layers=12, num_heads=12, output_init_std=1e-3),
             ),

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from model.config import MMFSConfig
 
 
-def _deform_sample():
-    # Imported at call time so that building a model never triggers the kernel's JIT build.
+def deform_sample():
+    """:func:`cuda_ops.ms_deform_sample`, imported at call time so that building a model never triggers the kernel's
+    JIT build."""
     from cuda_ops import ms_deform_sample
 
     return ms_deform_sample
@@ -45,11 +46,13 @@ def sincos_1d(positions: Tensor, dim: int) -> Tensor:
     return emb
 
 
-def sincos_2d(height: int, width: int, dim: int, device: torch.device | None = None) -> Tensor:
-    """2-D sine-cosine embedding of a ``height x width`` grid -> ``(height * width, dim)``."""
+def sincos_2d(height: int, width: int, dim: int, device: torch.device | None = None, cell: float = 1.0) -> Tensor:
+    """2-D sine-cosine embedding of a ``height x width`` grid -> ``(height * width, dim)`` at the cells' centres in units
+    of ``cell`` cells (the centre of cell ``i`` is at ``(i + 0.5) * cell - 0.5``): maps of one image at several
+    resolutions share positions with ``cell`` = 1 / their scale; ``cell`` = 1 puts cell ``i`` at ``i``."""
     ys, xs = torch.meshgrid(
-        torch.arange(height, device=device, dtype=torch.float32),
-        torch.arange(width, device=device, dtype=torch.float32),
+        (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * cell - 0.5,
+        (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * cell - 0.5,
         indexing="ij",
     )
     half = dim // 2
@@ -185,7 +188,7 @@ class MMFS(nn.Module):
         level_start_index = (
             torch.arange(k, device=values.device, dtype=torch.long)[:, None] * s + features.level_start_index[None]
         ).flatten()
-        sampled = _deform_sample()(
+        sampled = deform_sample()(
             values,
             spatial_shapes,
             level_start_index,

@@ -1,9 +1,10 @@
 """Image tokenizer: frozen open_clip ViT -> multi-scale feature pyramid -> Perceiver Resampler.
 
-The paper uses a trainable ViT-Adapter for the multi-scale maps. weft uses a simpler, trainable
-ViTDet-style pyramid over the last ViT layer's patch grid (transposed convolutions for 4x and
-2x, a 1x1 projection for 1x, max-pooling for 1/2x, each followed by 1x1 + 3x3 convolutions).
-The resampler reads the ViT's patch tokens and emits N visual tokens in the LLM's width.
+The pyramid is chosen by :attr:`VisionConfig.pyramid` from :data:`PYRAMID_BUILDERS`: the paper's trainable
+ViT-Adapter (:mod:`model.vit_adapter`: a convolutional stem on the pixels interacting with the frozen ViT's layers),
+or a simpler ViTDet-style pyramid over the last ViT layer's patch grid (:class:`SimplePyramid`), which has no detail
+finer than a patch. Either gives the ViT's last patch tokens, which the resampler turns into N visual tokens in the LLM's
+width.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from model.clip_weights import load_clip_vision_weights, read_clip_vision_checkp
 from model.config import VisionConfig
 from model.recompute import maybe_checkpoint
 from model.resampler import PerceiverResampler
+from model.vit_adapter import ViTAdapter
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,6 +102,37 @@ class PyramidLevel(nn.Module):
         return self.project(self.resample(grid))
 
 
+class SimplePyramid(nn.Module):
+    """The ViT (without autograd) -> its last layer's patch grid -> one :class:`PyramidLevel` per scale
+    (transposed convolutions for 4x and 2x, a 1x1 projection for 1x, max-pooling for 1/2x).
+
+    Args:
+        config: the levels' scales and channels.
+        vit: the frozen ViT, read here for its width only (it is passed to :meth:`forward`, not kept).
+        channels: channels of the output maps.
+    """
+
+    def __init__(self, config: VisionConfig, vit: VisionTransformer, channels: int) -> None:
+        super().__init__()
+        width = vit.conv1.out_channels
+        self.levels = nn.ModuleList(PyramidLevel(width, channels, s) for s in config.pyramid_scales)
+        self.gradient_checkpointing = False
+
+    def forward(self, vit: VisionTransformer, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``pixels: (K, 3, H, W)`` normalised -> patch tokens ``(K, g_h * g_w, width)``, maps ``(K, C, s * g_h, s * g_w)``."""
+        with torch.no_grad():
+            grid = vit.forward_intermediates(pixels, indices=1, intermediates_only=True)["image_intermediates"][-1]
+        maps = [maybe_checkpoint(self.gradient_checkpointing, level, grid) for level in self.levels]
+        return grid.flatten(2).transpose(1, 2), maps
+
+
+PYRAMID_BUILDERS = {
+    "vit_adapter": lambda config, vit, channels: ViTAdapter(config.adapter, vit, channels),
+    "simple": SimplePyramid,
+}
+"""Pyramid builders by :attr:`VisionConfig.pyramid`: ``(config, vit, channels) -> module``."""
+
+
 @dataclass
 class VisionOutput:
     """Attributes:
@@ -122,11 +155,10 @@ class ImageTokenizer(nn.Module):
         self.vit.eval()
         width = self.vit.conv1.out_channels
         self.image_size = tuple(self.vit.image_size)
-        self.pyramid = nn.ModuleList(PyramidLevel(width, config.pyramid_channels, s) for s in config.pyramid_scales)
+        self.pyramid = PYRAMID_BUILDERS[config.pyramid](config, self.vit, config.pyramid_channels)
         self.resampler = PerceiverResampler(config.resampler, width, output_dim)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-        self.gradient_checkpointing = False
 
     def train(self, mode: bool = True) -> "ImageTokenizer":
         super().train(mode)
@@ -138,9 +170,9 @@ class ImageTokenizer(nn.Module):
         return self.config.pyramid_channels
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each pyramid level and the resampler's layers in the backward. The frozen ViT runs under
-        ``no_grad`` and keeps no activations, so there is nothing of it to recompute."""
-        self.gradient_checkpointing = True
+        """Recompute the pyramid (the ViT-Adapter's stem and interactions, the ViT blocks they run included; the simple
+        pyramid's levels, whose ViT keeps no activations) and the resampler's layers in the backward."""
+        self.pyramid.gradient_checkpointing = True
         self.resampler.gradient_checkpointing = True
 
     def forward(self, images: Tensor) -> VisionOutput:
@@ -150,10 +182,8 @@ class ImageTokenizer(nn.Module):
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
-        with torch.no_grad():
-            grid = self.vit.forward_intermediates(x, indices=1, intermediates_only=True)["image_intermediates"][-1]
-        # 2. trainable pyramid over the patch grid (K, C, g, g)
-        maps = [maybe_checkpoint(self.gradient_checkpointing, level, grid) for level in self.pyramid]
+        # 2. trainable pyramid with the ViT: its last patch tokens (K, g_h * g_w, width) and the maps
+        patches, maps = self.pyramid(self.vit, x)
         # 3. resampler over the patch tokens
-        tokens = self.resampler(grid.flatten(2).transpose(1, 2))
+        tokens = self.resampler(patches)
         return VisionOutput(visual_tokens=tokens, feature_maps=maps)

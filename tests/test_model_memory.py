@@ -74,7 +74,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(reference, con
     checkpointed = build(dataclasses.replace(config, gradient_checkpointing=True), model.state_dict())
     assert checkpointed.language.llm.model.layers[0].gradient_checkpointing
     assert checkpointed.decoder.unet.down_blocks[0].gradient_checkpointing
-    assert checkpointed.vision.gradient_checkpointing and checkpointed.vision.resampler.gradient_checkpointing
+    assert checkpointed.vision.pyramid.gradient_checkpointing and checkpointed.vision.resampler.gradient_checkpointing
     assert checkpointed.decoder.gradient_checkpointing
     assert condition is None or checkpointed.decoder.condition.resampler.gradient_checkpointing
     recomputed = []  # the MMFS hooks inside a checkpointed LLM layer run again in the backward

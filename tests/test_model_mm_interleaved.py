@@ -48,7 +48,8 @@ def test_forward_backward_reaches_mmfs_resampler_and_unet(model):
         "language.mmfs_blocks.0.mmfs.value_proj.weight",
         "language.mmfs_blocks.2.mmfs.sampling_offsets.bias",
         "vision.resampler.queries",
-        "vision.pyramid.1.project.0.weight",  # level 0 feeds only the (zero-init) UNet MMFS,
+        "vision.pyramid.spatial_prior.projections.1.weight",  # level 0 feeds only the (zero-init) UNet MMFS,
+        "vision.pyramid.interactions.0.injector.gamma",
         "decoder.condition.project.weight",
         "decoder.layer_mix.logits",
         "decoder.unet.conv_in.weight",
@@ -283,7 +284,6 @@ def write_tiny_paper_checkpoints(root, tiny):
 def small_trainable_parts(config):
     """The paper preset with its trainable modules shrunk (the frozen parts still come from the paths)."""
     small = MMInterleavedConfig.tiny()
-    config.vision.pyramid_channels = 32
     config.vision.resampler = dataclasses.replace(small.vision.resampler, num_queries=config.vision.resampler.num_queries)
     config.language.mmfs = dataclasses.replace(config.language.mmfs, hidden_size=64)
     config.decoder.mmfs = dataclasses.replace(config.decoder.mmfs, hidden_size=64)
@@ -302,6 +302,9 @@ def test_paper_preset_loads_local_checkpoints(tmp_path, sizes):
         clip_model="weft-test-vit",
         num_visual_tokens=4,
     )
+    # the ViT-Adapter works at the frozen ViT's width and interacts at its layers: the tiny ViT's
+    config.vision = dataclasses.replace(config.vision, pyramid_channels=tiny.vision.pyramid_channels,
+                                        adapter=tiny.vision.adapter)
     if sizes == "small":
         config = small_trainable_parts(config)
     torch.manual_seed(0)
