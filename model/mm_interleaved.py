@@ -410,6 +410,18 @@ class MMInterleaved(nn.Module):
             token_ids=list(state.ids),
         )
 
+    @torch.no_grad()
+    def text_nats(self, document: Sequence[str | Image.Image]) -> float:
+        """The mean cross-entropy (nats per predicted text token) of one interleaved document, ``<s>`` ... ``</s>``,
+        scored as training scores it: how likely the model finds a text given the images before it (the same text
+        after another image tells whether it reads them). An image first in the document gets no diffusion loss;
+        one after text does, with fresh noise, but only the text loss is returned."""
+        ids, images = encode_document(self.tokenizer, document, self.boi_token_id, self.image_token_id,
+                                      self.num_visual_tokens, self.image_size)
+        input_ids = torch.tensor([ids], device=self.device)
+        pixels = torch.stack(images).to(self.device) if images else torch.zeros(0, 3, *self.image_size, device=self.device)
+        return float(self(InterleavedBatch(input_ids, torch.zeros_like(input_ids), pixels)).text_loss)
+
     # checkpoints ----------------------------------------------------------------------------
     def _referenced_prefixes(self) -> tuple[str, ...]:
         """Frozen parts that a checkpoint may reference by their local source path instead of copying."""

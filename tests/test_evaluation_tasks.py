@@ -67,6 +67,30 @@ def test_captioning_scores_reference_captions_perfectly(world_dir):
     assert result.metrics["exact_match"] == 1.0 and result.metrics["cider"] > 0
 
 
+def test_caption_nats_tell_a_model_that_reads_the_image_from_one_that_does_not(world_dir):
+    world, eval_dir = world_dir
+    references = {r["image_id"]: r["references"][0].lower() for r in read_split(eval_dir, "captioning")}
+    assert len(set(references.values())) == len(references)  # every item's caption fits its own image only
+
+    def reads(document):  # cheap nats for the caption of the image it is shown, dear ones otherwise
+        image, text = document
+        shown = next(i for i in references if image.tobytes() == image_for(world)(i).tobytes())
+        return 0.5 if references[shown] == text else 3.0
+
+    def blind(document):
+        return float(len(document[1]))
+
+    def nothing(prompt):
+        return Output("")
+
+    seeing = evaluate_task("captioning", nothing, eval_dir, image_for(world), text_nats=reads)
+    assert seeing.scores["caption_nats"] == [0.5] * 3 and seeing.scores["caption_nats_other_image"] == [3.0] * 3
+    assert seeing.scores["image_reliance"] == [2.5] * 3
+    not_seeing = evaluate_task("captioning", nothing, eval_dir, image_for(world), text_nats=blind)
+    assert not_seeing.scores["image_reliance"] == [0.0] * 3
+    assert "image_reliance" not in evaluate_task("captioning", nothing, eval_dir, image_for(world)).scores
+
+
 def test_every_task_runs_on_the_tiny_model(world_dir):
     from model.config import MMInterleavedConfig
     from model.mm_interleaved import MMInterleaved

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from model.batch import InterleavedBatch, document_ids_from_cu_seqlens
+from model.batch import InterleavedBatch, document_ids_from_cu_seqlens, encode_document
 from model.config import MMInterleavedConfig, OptimizerGroups, ResamplerConfig
 from model.language import document_causal_mask
 from model.mm_interleaved import MMInterleaved
@@ -152,6 +152,19 @@ def test_generate_with_forced_boi_returns_text_and_an_image(model):
     n = model.num_visual_tokens
     boi = out.token_ids.index(model.boi_token_id)
     assert out.token_ids[boi + 1 : boi + 1 + n] == [model.image_token_id] * n
+
+
+def test_text_nats_is_the_training_text_loss_of_one_document(model):
+    model.eval()
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    document = [image, "a large red square in the center."]
+    ids, images = encode_document(model.tokenizer, document, model.boi_token_id, model.image_token_id,
+                                  model.num_visual_tokens, model.image_size)
+    batch = InterleavedBatch(torch.tensor([ids]), torch.zeros(1, len(ids), dtype=torch.long), torch.stack(images))
+    with torch.no_grad():
+        expected = float(model(batch).text_loss)
+    assert model.text_nats(document) == pytest.approx(expected) and expected > 0
+    assert model.text_nats(["no image here."]) > 0
 
 
 def test_image_loss_averages_over_all_images_as_the_release(model):

@@ -254,7 +254,8 @@ def evaluate_checkpoint(
                 recorder = _Recorder(model.generate, bar)
                 generator = torch.Generator(device=compute.device).manual_seed(config.seed)
                 results.append(evaluate_task(task, recorder, eval_dir, image_for, limit=config.limit,
-                                             image_size=config.image_size, generator=generator, **sampling))
+                                             image_size=config.image_size, text_nats=model.text_nats,
+                                             generator=generator, **sampling))
             if task == "text_to_image":
                 t2i = recorder
                 results.append(vae_ceiling(model, eval_dir, config))

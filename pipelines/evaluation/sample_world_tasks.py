@@ -9,7 +9,9 @@ scores the output exactly:
 ==================  =======================================  ======================================
 task                prompt                                   metrics
 ==================  =======================================  ======================================
-captioning          [image]                                  CIDEr-D, exact-match accuracy
+captioning          [image]                                  CIDEr-D, exact-match accuracy; with
+                                                             ``text_nats``, the reference's nats
+                                                             given its image and another's
 vqa                 [image, "question"]                      VQA accuracy, per type
                                                              (``digit`` = fine detail)
 text_to_image       ["caption <BoI>"]                        attribute accuracy, per attribute
@@ -109,6 +111,7 @@ def evaluate_task(
     limit: int | None = None,
     image_size: int = 64,
     num_examples: int = 4,
+    text_nats: Callable[[Sequence[str | Image.Image]], float] | None = None,
     **generation_kwargs: Any,
 ) -> TaskResult:
     """Run one task of :data:`TASKS` and score it (see the module docstring).
@@ -117,6 +120,11 @@ def evaluate_task(
         generate: ``generate(prompt: list[str | Image], **generation_kwargs) -> Generation``.
         image_for: image id -> the world's image (e.g. ``world.image_bytes`` decoded).
         image_size: pixels at which scenes are rendered and generated images parsed.
+        text_nats: ``text_nats([image, caption]) -> nats per text token`` (e.g. ``MMInterleaved.text_nats``); with
+            it, captioning also scores each item's first reference (lower-cased, as training sees pair captions)
+            given its own image (``caption_nats``) and given the next item's (``caption_nats_other_image``), and
+            their difference per item (``image_reliance``, > 0 when the model reads the image: a model whose greedy
+            captions ignore the image can still rank captions by it).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -140,6 +148,8 @@ def evaluate_task(
         scores = {"cider": [per_image[i] for i in candidates],
                   "exact_match": [float(tokenize_caption(candidates[i]) in {tokenize_caption(r) for r in references[i]})
                                   for i in candidates]}
+        if text_nats is not None:
+            scores.update(_caption_nats(records, image_for, text_nats))
     elif task == "vqa":
         by_type = defaultdict(list)
         for record in records:
@@ -164,6 +174,18 @@ def evaluate_task(
             outputs.append(_first_image(run(prompt)))
         scores = _scene_scores(outputs, [Scene.from_dict(r["next_scene"]) for r in records], image_size)
     return TaskResult(task, scores, len(records), examples)
+
+
+def _caption_nats(records: Sequence[dict], image_for: Callable[[str], Image.Image],
+                  text_nats: Callable[[Sequence[str | Image.Image]], float]) -> dict[str, list[float]]:
+    """Per item: its reference's nats after its own image, after the next item's image, and the difference."""
+    own, other = [], []
+    for i, record in enumerate(records):
+        reference = record["references"][0].lower()
+        own.append(text_nats([image_for(record["image_id"]), reference]))
+        other.append(text_nats([image_for(records[(i + 1) % len(records)]["image_id"]), reference]))
+    return {"caption_nats": own, "caption_nats_other_image": other,
+            "image_reliance": [b - a for a, b in zip(own, other)]}
 
 
 def _parsed(images: Sequence[Image.Image | None], size: int) -> list[Scene]:
