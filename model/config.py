@@ -352,7 +352,11 @@ class MMInterleavedConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "MMInterleavedConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A config file, or a saved model folder's ``config.json`` (its ``"format"`` ignored: missing options take
+        today's defaults here; :meth:`MMInterleaved.from_pretrained` reads old folders as they were written)."""
+        data = json.loads(Path(path).read_text())
+        data.pop("format", None)
+        return cls.from_dict(data)
 
     # presets -------------------------------------------------------------------------------
     @classmethod

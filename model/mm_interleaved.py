@@ -7,6 +7,7 @@ context. Checkpoints are ``config.json`` + ``model.safetensors`` + ``tokenizer/`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from model.config import LanguageConfig, MMInterleavedConfig, OptimizerGroups
 from model.image_decoder import DecoderContext, ImageDecoder
 from model.language import LanguageModelOutput, MMFSContext, MMFSLanguageModel, document_causal_mask, positions_in_document
 from model.mmfs import ImageFeatures, flatten_feature_maps, visibility_and_relative_position
+from model.saved_format import SAVED_FORMAT, saved_config, saved_weights
 from model.tokenizer import add_multimodal_tokens
 from model.vision import ImageTokenizer, VisionOutput
 
@@ -445,17 +447,20 @@ class MMInterleaved(nn.Module):
         skip = self._referenced_prefixes() if reference_frozen else ()
         state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items() if not k.startswith(skip)}
         save_file(state, str(directory / self.weights_name), metadata={"format": "pt", "referenced": ",".join(skip)})
-        self.config.save(directory / self.config_name)
+        (directory / self.config_name).write_text(json.dumps({**self.config.to_dict(), "format": SAVED_FORMAT}, indent=2,
+                                                             sort_keys=True))
         self.tokenizer.save_pretrained(directory / self.tokenizer_dir)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "MMInterleaved":
-        """Load a :meth:`save_pretrained` directory (safetensors only: no pickle is ever executed)."""
+        """Load a :meth:`save_pretrained` directory (safetensors only: no pickle is ever executed); a folder of an
+        earlier format loads as the model it was written from (:mod:`model.saved_format`)."""
         directory = Path(directory)
-        config = MMInterleavedConfig.load(directory / cls.config_name)
+        data, version = saved_config(json.loads((directory / cls.config_name).read_text()))
+        config = MMInterleavedConfig.from_dict(data)
         tokenizer = AutoTokenizer.from_pretrained(directory / cls.tokenizer_dir, local_files_only=True)
         model = cls(config, tokenizer)
-        state = load_file(str(directory / cls.weights_name), device=str(map_location))
+        state = saved_weights(load_file(str(directory / cls.weights_name), device=str(map_location)), version)
         missing, unexpected = model.load_state_dict(state, strict=False)
         referenced = model._referenced_prefixes()
         missing = [k for k in missing if not k.startswith(referenced)]

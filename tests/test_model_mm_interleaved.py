@@ -15,6 +15,7 @@ from model.batch import InterleavedBatch, document_ids_from_cu_seqlens, encode_d
 from model.config import MMInterleavedConfig, OptimizerGroups, ResamplerConfig
 from model.language import document_causal_mask
 from model.mm_interleaved import MMInterleaved
+from model.saved_format import FORMAT_1_OPTIONS, SAVED_FORMAT
 from tiny_inputs import tiny_batch, tiny_tokenizer
 
 
@@ -269,6 +270,40 @@ def test_save_load_round_trip(model, tmp_path):
     got = outputs(loaded, batch)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+
+
+def test_a_folder_saved_before_format_2_loads_as_the_model_it_was(tmp_path):
+    """A checkpoint written before the ViT-Adapter and the release's decoder options: no "format", none of those options
+    in its config, the simple pyramid's weights under their old names."""
+    torch.manual_seed(0)
+    config = MMInterleavedConfig.tiny()
+    config.vision.pyramid = "simple"
+    old = MMInterleaved.from_config(config, tiny_tokenizer())
+    batch = tiny_batch(old)
+    expected = outputs(old, batch)
+    old.save_pretrained(tmp_path)
+    assert MMInterleavedConfig.load(tmp_path / "config.json") == config  # a saved config builds a model too
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.pop("format") == SAVED_FORMAT
+    for path in FORMAT_1_OPTIONS:
+        section = saved
+        for key in path[:-1]:
+            section = section[key]
+        del section[path[-1]]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    renamed = {k.replace("vision.pyramid.levels.", "vision.pyramid."): v for k, v in state.items()}
+    assert renamed.keys() != state.keys()
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+
+    loaded = MMInterleaved.from_pretrained(tmp_path)
+    assert loaded.config.vision.pyramid == "simple" and loaded.config.decoder.context_positions == "from_start"
+    got = outputs(loaded, batch)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "format": SAVED_FORMAT + 1}))
+    with pytest.raises(ValueError, match="format 3.*upgrade weft"):
+        MMInterleaved.from_pretrained(tmp_path)
 
 
 def write_tiny_paper_checkpoints(root, tiny):
