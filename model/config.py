@@ -230,6 +230,10 @@ class DecoderConfig:
     (Stable Diffusion's training); 1 rises linearly to the noisiest steps, where a scene's layout and colours are
     decided and the condition matters most (the aim of P2 weighting, Choi et al. 2022, reached by sampling instead of
     loss weights). See :mod:`model.condition` for what it did to a decoder trained from scratch."""
+    noise_draws: int = 1
+    """(Noise, timestep) draws per trained image per step: the UNet runs on each image this many times while the
+    vision encoder, LLM and condition run once, so the decoder sees more denoising examples of each caption for a
+    fraction of a step's cost (1: Stable Diffusion's training, one draw)."""
     freeze_unet: bool = False
     unet_micro_batch: int | None = None
     """Trained images per UNet call in the diffusion loss (``None``: all of a batch's in one call). Noise, timesteps
@@ -249,6 +253,8 @@ class DecoderConfig:
                              "condition's one-token negative is no prompt's condition; use 'random'")
         if self.context_positions not in CONTEXT_POSITIONS:
             raise ValueError(f"decoder.context_positions must be one of {CONTEXT_POSITIONS}, got {self.context_positions!r}")
+        if self.noise_draws < 1:
+            raise ValueError(f"decoder.noise_draws must be at least 1, got {self.noise_draws}")
         if self.condition_layers not in CONDITION_LAYERS:
             raise ValueError(f"decoder.condition_layers must be one of {CONDITION_LAYERS}, got {self.condition_layers!r}")
         if self.diffusion_path is None and (self.unet_config is None or self.vae_config is None):
@@ -347,8 +353,10 @@ class MMInterleavedConfig:
     def from_dict(cls, data: dict[str, Any]) -> "MMInterleavedConfig":
         return cls(**data)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+    def save(self, path: str | Path, saved_format: int | None = None) -> None:
+        """Write the config as JSON; a saved model folder's also names its ``"format"`` (:mod:`model.saved_format`)."""
+        data = self.to_dict() if saved_format is None else {**self.to_dict(), "format": saved_format}
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> "MMInterleavedConfig":

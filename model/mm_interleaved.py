@@ -447,8 +447,7 @@ class MMInterleaved(nn.Module):
         skip = self._referenced_prefixes() if reference_frozen else ()
         state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items() if not k.startswith(skip)}
         save_file(state, str(directory / self.weights_name), metadata={"format": "pt", "referenced": ",".join(skip)})
-        (directory / self.config_name).write_text(json.dumps({**self.config.to_dict(), "format": SAVED_FORMAT}, indent=2,
-                                                             sort_keys=True))
+        self.config.save(directory / self.config_name, saved_format=SAVED_FORMAT)
         self.tokenizer.save_pretrained(directory / self.tokenizer_dir)
 
     @classmethod

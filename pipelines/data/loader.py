@@ -44,6 +44,8 @@ NOT_TRAINED = -100
 
 
 def _decode_sample(sample: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
+    """A packed row's tensors and images; its ``"json"`` is the row's JSON bytes or, after :func:`reweight_sources`,
+    the dict they parse to."""
     info = sample["json"]
     if isinstance(info, (bytes, bytearray)):
         info = json.loads(info)
@@ -84,8 +86,9 @@ def reweight_sources(samples: Iterable[dict[str, Any]], rates: Mapping[str, floa
         rate = sum(rates.get(source, 1.0) for source in sources) / len(sources)
         digest = hashlib.blake2b(f"{seed}:{sample['__key__']}".encode(), digest_size=8).digest()
         coin = int.from_bytes(digest, "big") / 2**64
+        parsed = {**sample, "json": info}  # decoded once: _decode_sample takes the dict as it is
         for _ in range(int(rate) + (coin < rate - int(rate))):
-            yield sample
+            yield parsed
 
 
 def sequence_dataset(
