@@ -266,9 +266,15 @@ class ImageDecoder(nn.Module):
         return (u * steps).long().clamp(max=steps - 1)
 
     def loss(self, images: Tensor, condition: Condition, context: DecoderContext | None) -> Tensor:
-        """Per-image diffusion loss ``(N,)`` for ``images (N, 3, H, W)`` in ``[0, 1]``."""
-        # 1. latents, noise, timesteps
-        latents = self.encode_images(images, self.config.unet_micro_batch)
+        """Per-image diffusion loss ``(N,)`` for ``images (N, 3, H, W)`` in ``[0, 1]``: the mean over
+        ``config.noise_draws`` independent (noise, timestep, dropout) draws of each image, the LLM's condition and
+        the context shared by all of them."""
+        # 1. latents (each image's repeated once per draw, draw-major), noise, timesteps
+        draws = self.config.noise_draws
+        latents = self.encode_images(images, self.config.unet_micro_batch).repeat(draws, 1, 1, 1)
+        if draws > 1:
+            condition = Condition(condition.tokens.repeat(draws, 1, 1), condition.mask.repeat(draws, 1))
+            context = None if context is None else context.repeat(draws)
         noise = torch.randn_like(latents)
         timesteps = self.training_timesteps(latents.shape[0], latents.device)
         noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
@@ -287,7 +293,8 @@ class ImageDecoder(nn.Module):
             target = self.train_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        per_draw = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return per_draw.view(draws, -1).mean(0)
 
     # sampling -------------------------------------------------------------------------------
     @torch.no_grad()

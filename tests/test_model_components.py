@@ -125,6 +125,33 @@ def test_decoder_loss_and_sampling(config):
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
 
 
+def test_noise_draws_run_the_unet_on_each_image_k_times_with_its_own_condition_and_context(config):
+    torch.manual_seed(0)
+    decoder = ImageDecoder(dataclasses.replace(config.decoder, noise_draws=3, condition_dropout=0.0), llm_hidden_size=64,
+                           feature_dim=32, num_levels=4).train()
+    condition = decoder.encode_condition(torch.randn(2, 7, 1, 64), torch.tensor([[True] * 7, [True] * 3 + [False] * 4]))
+    calls = []
+    unet_forward = decoder.unet_forward
+
+    def recorded(latents, timesteps, condition, context):
+        calls.append((timesteps, condition, context))
+        return unet_forward(latents, timesteps, condition, context)
+
+    decoder.unet_forward = recorded
+    loss = decoder.loss(torch.rand(2, 3, 32, 32), condition, context_for(2, 1))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    [(timesteps, seen, context)] = calls
+    assert timesteps.shape == (6,) and timesteps.unique().numel() > 2  # one draw per (draw, image)
+    for draw in range(3):  # draw-major: rows 2d, 2d+1 are images 0, 1
+        assert torch.equal(seen.tokens[2 * draw:2 * draw + 2], condition.tokens)
+        assert torch.equal(seen.mask[2 * draw:2 * draw + 2], condition.mask)
+        assert torch.equal(context.features.values[2 * draw:2 * draw + 2], context_for(2, 1).features.values)
+    loss.mean().backward()
+    assert decoder.condition.project.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="noise_draws must be at least 1, got 0"):
+        dataclasses.replace(config.decoder, noise_draws=0)
+
+
 @pytest.mark.parametrize("bias, mean", [(0.0, 1 / 2), (1.0, 2 / 3), (3.0, 4 / 5)])
 def test_training_timesteps_follow_their_bias(config, bias, mean):
     """Density proportional to t ** bias over [0, T): mean T (bias + 1) / (bias + 2); every draw a valid step."""
