@@ -158,7 +158,7 @@ def evaluate_task(
         scores = {"accuracy": [s for kind in by_type.values() for s in kind]}
         scores.update({f"accuracy_{kind}": values for kind, values in sorted(by_type.items())})
     elif task == "text_to_image":
-        outputs = [_first_image(run([f"{record['prompt'].lower()} {BOI}"])) for record in records]
+        outputs = [_first_image(run([f"{record['prompt'].lower()}{BOI}"])) for record in records]
         scores = _scene_scores(outputs, [Scene.from_dict(r["scene"]) for r in records], image_size)
     elif task == "seg_to_image":
         targets = [Scene.from_dict(r["scene"]) for r in records]
@@ -170,7 +170,7 @@ def evaluate_task(
             prompt: list[str | Image.Image] = []
             for step in record["context"]:
                 prompt += [image_for(step["image_id"]), step["sentence"]]
-            prompt.append(f"{record['next_sentence']} {BOI}")
+            prompt.append(f"{record['next_sentence']}{BOI}")
             outputs.append(_first_image(run(prompt)))
         scores = _scene_scores(outputs, [Scene.from_dict(r["next_scene"]) for r in records], image_size)
     return TaskResult(task, scores, len(records), examples)
