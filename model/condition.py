@@ -86,6 +86,10 @@ class Condition:
     def detach(self) -> "Condition":
         return Condition(self.tokens.detach(), self.mask)
 
+    def repeat(self, times: int) -> "Condition":
+        """The N items ``times`` over, ``(times * N, W, C)``: rows ``k * N .. (k + 1) * N - 1`` are copy ``k``."""
+        return Condition(self.tokens.repeat(times, 1, 1), self.mask.repeat(times, 1))
+
     def roll(self, shifts: int) -> "Condition":
         """Each item gets another item's condition (a prompt swap)."""
         return Condition(self.tokens.roll(shifts, 0), self.mask.roll(shifts, 0))

@@ -271,9 +271,9 @@ class ImageDecoder(nn.Module):
         the context shared by all of them."""
         # 1. latents (each image's repeated once per draw, draw-major), noise, timesteps
         draws = self.config.noise_draws
-        latents = self.encode_images(images, self.config.unet_micro_batch).repeat(draws, 1, 1, 1)
+        latents = self.encode_images(images, self.config.unet_micro_batch)
         if draws > 1:
-            condition = Condition(condition.tokens.repeat(draws, 1, 1), condition.mask.repeat(draws, 1))
+            latents, condition = latents.repeat(draws, 1, 1, 1), condition.repeat(draws)
             context = None if context is None else context.repeat(draws)
         noise = torch.randn_like(latents)
         timesteps = self.training_timesteps(latents.shape[0], latents.device)
