@@ -14,18 +14,6 @@
   probability ``condition_dropout`` in training and drives the unconditional branch when sampling.
 - Training timesteps: uniform as in Stable Diffusion, or drawn more often from the noisy end
   (``DecoderConfig.timestep_bias``; the presets built from scratch use 1).
-- The noise schedule is the scheduler config's. The presets built from scratch rescale Stable Diffusion's betas to
-  zero terminal SNR, predict v and let DDIM start at the last timestep ("trailing"), as Lin et al. 2023 ("Common
-  Diffusion Noise Schedules and Sample Steps are Flawed") recommend. Why, measured on the sample world: SD's own
-  schedule keeps sqrt(alpha_bar) = 0.068 of the image at t=999, and a 10-step DDIM ("leading") starts at t=900
-  (0.119). On 8x8 or 16x16 latents of a few flat shapes that leak is enough to place the shapes, so the UNet learned to
-  draw whatever layout its starting noise suggested and ignored its condition where it mattered: held-out samples
-  were crisp scenes unrelated to the prompt, and story continuations unrelated to the previous image (strict
-  accuracy 0.11 against 0.45 for copying the previous frame) although both lowered the training loss. The tiny model on
-  2,000 caption-image pairs, 1,000 steps, one thread, 64 held-out prompts, attribute accuracy at guidance 1 / 3:
-  0.23 / 0.31 with SD's schedule, 0.67 / 0.69 with this one (an oracle condition of one token per object reached
-  0.71 / 0.81 after 2,000 steps on SD's); the loss with another prompt's condition minus with its own at t=750 rose
-  from 0.007 (eps, of 0.011) to 0.50 (v, of 0.067). Pretrained decoders keep the schedule they were trained with.
 - Memory: the diffusion loss runs the UNet on at most ``DecoderConfig.unet_micro_batch`` images per call, and
   :meth:`ImageDecoder.enable_gradient_checkpointing` recomputes the UNet's blocks, each MMFS skip and the
   condition resampler in the backward.

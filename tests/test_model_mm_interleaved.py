@@ -115,9 +115,7 @@ def test_batch_contract_is_checked(model):
     assert document_ids_from_cu_seqlens(torch.tensor([0, 3, 5]), 7).tolist() == [0, 0, 0, 1, 1, -1, -1]
 
 
-def test_overfit_one_batch_cuts_text_and_image_loss():
-    """40 steps on one row halve its text loss and cut its diffusion loss by 30% (v-prediction: at low noise the
-    target is nearly the noise itself, which no amount of fitting one image predicts; at 20 steps, 0.71)."""
+def test_overfit_one_batch_halves_text_and_image_loss():
     model = build(seed=0)
     batch = tiny_batch(model, rows=1)
 
@@ -134,7 +132,7 @@ def test_overfit_one_batch_cuts_text_and_image_loss():
 
     text0, image0 = evaluate()
     optimizer = torch.optim.AdamW(model.parameter_groups(OptimizerGroups(lr=3e-3, decoder_lr=3e-3, offsets_lr=None, weight_decay=0.0)))
-    for step in range(40):
+    for step in range(20):
         torch.manual_seed(step)
         loss = model(batch).loss
         optimizer.zero_grad()
@@ -142,7 +140,7 @@ def test_overfit_one_batch_cuts_text_and_image_loss():
         optimizer.step()
     text1, image1 = evaluate()
     assert text1 <= 0.5 * text0, (text0, text1)
-    assert image1 <= 0.7 * image0, (image0, image1)
+    assert image1 <= 0.5 * image0, (image0, image1)
 
 
 def test_generate_with_forced_boi_returns_text_and_an_image(model):
