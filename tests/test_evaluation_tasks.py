@@ -82,6 +82,30 @@ def test_generation_prompts_tokenize_as_training_puts_a_caption_before_its_image
         assert asked == packed.tokens.tolist()[: packed.image_starts[0] + 1]
 
 
+def test_story_copy_floor_is_what_copying_the_previous_image_scores(world_dir):
+    """``*_copy`` scores the story's last context image against the next frame: a generator that hands back that
+    image scores exactly it, one that draws the true next frame scores above it (the frame moved or recoloured
+    an object)."""
+    world, eval_dir = world_dir
+    records = read_split(eval_dir, "story_continuation")
+
+    def copier(prompt):
+        return Output("", [next(e for e in reversed(prompt) if isinstance(e, Image.Image))])
+
+    asked = iter(records)
+
+    def oracle(prompt):
+        return Output("", [image_for(world)(next(asked)["next_image_id"])])
+
+    copied = evaluate_task("story_continuation", copier, eval_dir, image_for(world))
+    assert copied.scores["strict_accuracy"] == copied.scores["strict_accuracy_copy"]
+    assert copied.scores["attribute_accuracy"] == copied.scores["attribute_accuracy_copy"]
+    assert len(copied.scores["strict_accuracy_copy"]) == len(records) == 3
+    drawn = evaluate_task("story_continuation", oracle, eval_dir, image_for(world))
+    assert drawn.scores["strict_accuracy_copy"] == copied.scores["strict_accuracy_copy"]  # the model plays no part
+    assert all(d > c for d, c in zip(drawn.scores["strict_accuracy"], drawn.scores["strict_accuracy_copy"]))
+
+
 def test_captioning_scores_reference_captions_perfectly(world_dir):
     world, eval_dir = world_dir
     references = {r["image_id"]: r["references"][0] for r in read_split(eval_dir, "captioning")}

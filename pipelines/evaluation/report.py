@@ -146,7 +146,8 @@ def _fid_line(fid: FIDResult | None) -> str:
 
 def _notes(results: Mapping[str, EvaluationResult]) -> list[str]:
     lines = ["How to read the image rows: `*_floor` scores each output against another item's target (a generator "
-             "that ignores its prompt scores there), `*_blank` an empty canvas; `vae_ceiling` is what the model's VAE "
+             "that ignores its prompt scores there), `*_blank` an empty canvas, `*_copy` (story continuation) the story's "
+             "previous image itself, what copying it scores; `vae_ceiling` is what the model's VAE "
              "lets any generator reach (ground truth through encode -> decode), `rendered` the parser's own ceiling "
              "at the model's resolution. `attribute_accuracy` is the share of the target objects' facts (position, "
              "colour, shape, size) drawn right; `strict_accuracy` also counts each of the `extra_objects` (objects "

@@ -16,13 +16,16 @@ vqa                 [image, "question"]                      VQA accuracy, per t
                                                              (``digit`` = fine detail)
 text_to_image       ["caption <BoI>"]                        attribute accuracy, per attribute
 seg_to_image        [label-map image, "<BoI>"]               object mIoU (+ with background)
-story_continuation  [img, sentence, ..., "sentence <BoI>"]   attribute accuracy, per attribute
+story_continuation  [img, sentence, ..., "sentence <BoI>"]   attribute accuracy, per attribute; the
+                                                             copy-the-previous-image floor
 ==================  =======================================  ======================================
 
 Every metric keeps its per-item scores (:attr:`TaskResult.scores`), so the report gives each one a
 bootstrap interval. The image tasks also score floors, what a generator that ignores its prompt
 would get: ``*_floor`` scores each output against the next item's target (the outputs of a shuffled
-prompt set), and seg-to-image's ``*_blank`` scores an empty canvas.
+prompt set), and seg-to-image's ``*_blank`` scores an empty canvas. Story continuation also scores
+``*_copy``: the story's last context image itself against the target, what a generator that copies the
+previous image gets (a story's next frame moves or recolours one object, so copying scores about half).
 """
 
 from __future__ import annotations
@@ -172,7 +175,12 @@ def evaluate_task(
                 prompt += [image_for(step["image_id"]), step["sentence"]]
             prompt.append(f"{record['next_sentence']}{BOI}")
             outputs.append(_first_image(run(prompt)))
-        scores = _scene_scores(outputs, [Scene.from_dict(r["next_scene"]) for r in records], image_size)
+        targets = [Scene.from_dict(r["next_scene"]) for r in records]
+        scores = _scene_scores(outputs, targets, image_size)
+        previous = _parsed([image_for(r["context"][-1]["image_id"]) for r in records], image_size)
+        copied = [score_scene(p, t) for p, t in zip(previous, targets)]
+        scores["attribute_accuracy_copy"] = [c.accuracy for c in copied]
+        scores["strict_accuracy_copy"] = [c.strict_accuracy for c in copied]
     return TaskResult(task, scores, len(records), examples)
 
 
