@@ -14,16 +14,17 @@
   probability ``condition_dropout`` in training and drives the unconditional branch when sampling.
 - Training timesteps: uniform as in Stable Diffusion, or drawn more often from the noisy end
   (``DecoderConfig.timestep_bias``; the presets built from scratch use 1).
-- The noise schedule is the scheduler config's (the presets built from scratch: Stable Diffusion's, epsilon). Measured
-  on the sample world and not yet a preset: SD's schedule keeps sqrt(alpha_bar) = 0.068 of the latents at t=999 and a
-  10-step DDIM ("leading") starts at t=900 (0.119), enough of 8x8 latents of a few flat shapes to place them, so the
-  UNet can draw whatever layout its start noise suggests. Rescaled to zero terminal SNR with v-prediction and
-  "trailing" DDIM (``rescale_betas_zero_snr``, ``prediction_type="v_prediction"``, ``timestep_spacing="trailing"``), the
-  tiny model on 2,000 separate caption-image pairs (16 a step, 1,000 steps, one thread, 64 held-out prompts) drew at
-  attribute accuracy 0.67 / 0.69 (guidance 1 / 3) against 0.23 / 0.31 with SD's. On the packed rows of the quality
-  recipe it did not carry over: text-to-image stayed at its floor (0.198 against 0.172) and captioning collapsed
-  (CIDEr 0.00 against 0.86); not yet separated: the v loss is ~10x the epsilon loss beside the same text loss, and
-  the recipe's ~880 pairs (77% true) sit beside story rows.
+- The noise schedule is the scheduler config's. The presets built from scratch rescale Stable Diffusion's betas to
+  zero terminal SNR, predict v and let DDIM start at the last timestep ("trailing"), as Lin et al. 2023 ("Common
+  Diffusion Noise Schedules and Sample Steps are Flawed") recommend, and weight the image loss 1, not the release's
+  10. Why, measured on the sample world: SD's own schedule keeps sqrt(alpha_bar) = 0.068 of the latents at t=999, and
+  a 10-step DDIM ("leading") starts at t=900 (0.119); on 8x8 or 16x16 latents of a few flat shapes that leak is
+  enough to place them, so the UNet learned to draw whatever layout its start noise suggested: held-out samples were
+  crisp scenes unrelated to their prompt, story continuations unrelated to the previous image, although both lowered
+  the training loss. The tiny model on 2,000 separate caption-image pairs (16 a step, 1,000 steps, 64 held-out
+  prompts) drew at attribute accuracy 0.67 / 0.69 (guidance 1 / 3) with this schedule against 0.23 / 0.31 with SD's.
+  The v loss is ~10x the epsilon loss, so at weight 10 the image loss drowned the text loss (quality recipe captioning
+  CIDEr 0.00; at weight 1, 1.12 against epsilon's 0.86). Pretrained decoders keep the schedule they were trained with.
 - Memory: the diffusion loss runs the UNet on at most ``DecoderConfig.unet_micro_batch`` images per call, and
   :meth:`ImageDecoder.enable_gradient_checkpointing` recomputes the UNet's blocks, each MMFS skip and the
   condition resampler in the backward.

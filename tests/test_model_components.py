@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from model.condition import Condition, LayerMix, ResampledCondition
 from model.config import SD21_BASE_SCHEDULER, SD21_BASE_UNET, SD21_BASE_VAE, DecoderConfig, MMInterleavedConfig, ResamplerConfig
@@ -166,6 +167,22 @@ def test_training_timesteps_follow_their_bias(config, bias, mean):
     assert abs((steps >= 0.75 * total).float().mean().item() - (1 - 0.75 ** (bias + 1))) < 0.01
 
 
+def test_decoders_built_from_scratch_train_to_zero_terminal_snr_and_sample_from_the_last_timestep(config):
+    """Stable Diffusion's schedule leaves sqrt(alpha_bar) = 0.068 of the latents at t=999 and its DDIM begins at t=900
+    with 10 steps: enough of small latents for the UNet to place shapes from the noise, not the prompt (see
+    model.image_decoder). Trained to zero terminal SNR (v-prediction), sampled from t=999."""
+    decoder = ImageDecoder(config.decoder, llm_hidden_size=64, feature_dim=32, num_levels=4)
+    alphas = decoder.train_scheduler.alphas_cumprod
+    assert alphas[-1] < 1e-6 and decoder.train_scheduler.config.prediction_type == "v_prediction"
+    sampler = DDIMScheduler.from_config(decoder.scheduler_config)
+    sampler.set_timesteps(10)
+    assert int(sampler.timesteps[0]) == len(alphas) - 1
+    # the v target: sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0, so at t=999 the UNet must produce -x0 itself
+    latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    last = torch.full((2,), len(alphas) - 1)
+    assert torch.allclose(decoder.train_scheduler.get_velocity(latents, noise, last), -latents, atol=1e-3)
+
+
 def test_timestep_bias_is_checked(config):
     with pytest.raises(ValueError, match="timestep_bias must be >= 0, got -1"):
         dataclasses.replace(config.decoder, timestep_bias=-1.0)
@@ -231,9 +248,11 @@ def test_fit_vae_learns_to_reconstruct_and_scales_latents_to_unit_variance(confi
 def test_sampling_never_clips_latents(config):
     """DDIM's default clips every x0 estimate to [-1, 1], a pixel-space range that unit-variance latents leave
     often. With the UNet predicting zero noise, DDIM's x0 estimate is the start noise / sqrt(alpha_bar) (std ~15):
-    clipped it would end inside [-1, 1]."""
+    clipped it would end inside [-1, 1]. (An epsilon-predicting schedule, as Stable Diffusion's: a v-predicting UNet
+    that predicts zero estimates x0 = sqrt(alpha_bar) x_t, which stays small whether clipped or not.)"""
     torch.manual_seed(0)
-    decoder = ImageDecoder(config.decoder, llm_hidden_size=64, feature_dim=32, num_levels=4).eval()
+    decoder = ImageDecoder(dataclasses.replace(config.decoder, scheduler_config=SD21_BASE_SCHEDULER), llm_hidden_size=64,
+                           feature_dim=32, num_levels=4).eval()
     with torch.no_grad():
         decoder.unet.conv_out.weight.zero_()
         decoder.unet.conv_out.bias.zero_()
