@@ -428,8 +428,8 @@ class MMInterleavedConfig:
         }
         # Stable Diffusion's betas rescaled to zero terminal SNR, v-prediction, DDIM from the last timestep: see
         # model.image_decoder's docstring for what the original schedule did to these small latents (and the runs).
-        scheduler = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                     "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        scheduler = {**SD21_BASE_SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                     "timestep_spacing": "trailing"}
         mmfs_small = dict(num_heads=4, num_points=2, hidden_size=cross_dim, base_spatial_shape=sizes.mmfs_base, max_images=8)
         return cls(
             vision=VisionConfig(
