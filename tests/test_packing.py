@@ -91,6 +91,10 @@ def test_packing_properties(seed, n_docs, max_length, num_image_tokens, after, m
         assert max(len(s.images) for s in sequences) <= max_images
     assert stats.images == len(images) and stats.images_missing == 0
     assert sum(len(s) for s in sequences) == stats.tokens == sum(len(d.tokens) for d in tokenized)
+    # the decoder's drawing examples: images with some of their document's text before them
+    markup = {ids.bos, ids.boi, ids.image}
+    assert stats.images_after_text == sum(any(t not in markup for t in d.tokens[:start])
+                                          for d in tokenized for start in d.image_starts)
     # deterministic given the seed
     again = list(pack_documents(documents, tok, config, images=images))
     assert [s.input_ids.tolist() for s in again] == [s.input_ids.tolist() for s in sequences]
@@ -243,3 +247,14 @@ def test_interleaved_sentences_are_joined_by_one_space():
     (sequence,) = pack_documents([document], tok, PackingConfig(max_length=96, num_image_tokens=4), images={"a": b"jpg"})
     assert tok.decode(sequence.input_ids.tolist(), skip_special_tokens=True) == " ".join(sentences)
     assert int((sequence.input_ids == ids.boi).sum()) == 1 and sequence.images == [b"jpg"]
+
+
+@pytest.mark.parametrize("image_first", [0.0, 1.0])
+def test_a_pair_trains_drawing_only_when_packed_caption_first(image_first):
+    image = image_element("http://x/p.jpg")
+    image.update(key="p", status="ok")
+    pair = make_document(doc_id="p", source="laion", kind="pair", elements=[text_element("a red circle."), image])
+    stats = PackingStats()
+    list(tokenize_documents([pair], tokenizer(), PackingConfig(pair_image_first_probability=image_first),
+                            images={"p": b"p"}, stats=stats))
+    assert stats.images == 1 and stats.images_after_text == (1 if image_first == 0.0 else 0)

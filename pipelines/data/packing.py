@@ -210,6 +210,10 @@ class PackingStats:
     image_tokens: int = 0
     images: int = 0
     images_missing: int = 0
+    images_after_text: int = 0
+    """Images with text of their document before them: the examples the image decoder learns to draw a prompt from
+    (a pair packed caption-first, an interleaved image after a sentence). An image with nothing before it trains no
+    drawing from text."""
     split_documents: int = 0
     forced_splits: int = 0
     padding_tokens: int = 0
@@ -399,13 +403,17 @@ def _tokenize_batch(batch: list[tuple[dict[str, Any], list[Unit], _InstructionPl
         pictures: list[bytes] = []
         starts: list[int] = []
         breaks = [0]
+        text_seen = False
         for before, text, after in units:
             for _ in before:
                 starts.append(len(tokens))
                 tokens += image_block
             pictures += before
+            stats.images_after_text += len(before) if text_seen else 0
             if text:
                 tokens.extend(next(encoded))
+                text_seen = True
+            stats.images_after_text += len(after) if text_seen else 0
             for _ in after:
                 starts.append(len(tokens))
                 tokens += image_block
