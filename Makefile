@@ -3,7 +3,7 @@
 #   make test   bootstrap .venv (idempotent) and run the default test suite
 #   make ui     the Dagster UI on http://127.0.0.1:3000 (same instance as make demo; UI_PORT=, INSTANCE_DIR= to change)
 #   make ablation  the MMFS ablation (paper Tab. 6(a)) on the demo's data (slow)
-#   make quality   the quality recipe: the main job's graph on a 60x larger world, training the small model (slow)
+#   make quality   the quality recipe: the main job's graph on a world of 12,000 pairs and 600 stories (slow)
 #   make bench  the op's and the data pipeline's benchmarks
 #   make test-scale  the slow scale-out tests (Postgres, daemon, Spark, two nodes, browser): see README "Scale out"
 PYTHON ?= python3

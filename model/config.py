@@ -9,8 +9,7 @@ Presets:
 - :meth:`MMInterleavedConfig.tiny`: every component built from a config dict with random
   initialisation (a few M parameters, CPU, seconds per step). Used by the tests and the embedded
   default.
-- :meth:`MMInterleavedConfig.small`: the same built wider and at 64 px (~6M parameters, ~3x tiny's step time);
-  the sample world's quality recipe.
+- :meth:`MMInterleavedConfig.small`: the same built wider and at 64 px (~6M parameters, ~3x tiny's step time).
 - :meth:`MMInterleavedConfig.paper`: the paper's sizes (Tab. 9) with the frozen parts (CLIP ViT,
   the LLM, Stable Diffusion's UNet/VAE/scheduler) loaded from *local* paths, gradient checkpointing on
   and UNet micro-batches of 8 images. No code path downloads anything.
@@ -374,8 +373,9 @@ class MMInterleavedConfig:
 
     @classmethod
     def small(cls, num_visual_tokens: int = 16, vocab_size: int = 512, mmfs: bool = True) -> "MMInterleavedConfig":
-        """The sample world's quality recipe: 64-px images through an 8x8 ViT grid, a 6-layer LLM of width 128, a
-        UNet of 64/128 channels on 16x16 latents (a VAE that downsamples 4x)."""
+        """64-px images through an 8x8 ViT grid, a 6-layer LLM of width 128, a UNet of 64/128 channels on 16x16 latents (a
+        VAE that downsamples 4x). On 2,000 separate caption-image pairs, 16 a step for 1,000 steps, it drew at attribute
+        accuracy 0.24 where ``tiny`` drew 0.70 (2026-11-30), so the quality recipe trains ``tiny``."""
         sizes = ScratchSizes(image_size=64, vit_width=64, vit_layers=4, llm_width=128, llm_layers=6,
                              unet_channels=(64, 128), vae_channels=(32, 64, 64), mmfs_base=8)
         return cls.from_scratch(sizes, num_visual_tokens, vocab_size, mmfs)

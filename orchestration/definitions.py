@@ -5,7 +5,7 @@ read from the environment at import); everything else comes from run config:
 
 - ``sample_world`` (default): the embedded sample world under ``$WEFT_DATA_ROOT`` (default ``data``), served over
   loopback HTTP, with the tiny BPE tokenizer, CLIP scorer and captioner trained on worlds of other seeds;
-- ``sample_world_quality``: the same with a world 60x larger (default root ``data/quality``), for the quality recipe
+- ``sample_world_quality``: the same on a world of 12,000 pairs and 600 stories (default root ``data/quality``), for the quality recipe
   (job ``sample_world_quality``, ``make quality``);
 - ``real_data``: raw metadata shards in ``$WEFT_RAW_DIR`` (the sensor's watched folder, laid out as ``mmc4/``,
   ``laion/``, ``cc12m/``), outputs under ``$WEFT_DATA_ROOT``, images fetched from the web, the LLM's tokenizer from
@@ -82,8 +82,10 @@ SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, 
 SAMPLE_WORLD = SampleWorld(n_pairs=240, n_stories=48, docs_per_shard=24, rows_per_shard=200)
 """The embedded default's world: small enough that the main job runs in minutes on a laptop CPU."""
 
-QUALITY_WORLD = SampleWorld(n_pairs=3000, n_stories=600, n_eval=200, docs_per_shard=150, rows_per_shard=500)
-"""The quality recipe's world: thousands of pairs and stories through the same graph, 200 held-out items a task."""
+QUALITY_WORLD = SampleWorld(n_pairs=12000, n_stories=600, n_eval=200, docs_per_shard=150, rows_per_shard=500)
+"""The quality recipe's world: thousands of pairs and stories through the same graph, 200 held-out items a task. 12,000
+pairs (70% with web alt-texts) leave ~1,460 after filtering and decontamination, half packed caption-first: the
+decoder needs thousands of those to learn drawing (orchestration/presets/sample_world_quality.yaml)."""
 
 
 def sample_world_resources(data_root: str | dg.EnvVar = "data", world: SampleWorld = SAMPLE_WORLD) -> dict:

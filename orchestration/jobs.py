@@ -42,7 +42,7 @@ sample_world_quality = dg.define_asset_job(
     "sample_world_quality",
     selection=sample_world_main.selection,
     description=("The quality recipe (preset sample_world_quality, make quality): the main job's graph on a world of "
-                 "thousands of pairs and stories, training the small model (~60 min on 2 CPU cores)."),
+                 "thousands of pairs and stories, training on 8 rows a step (~60 min on 2 CPU cores)."),
 )
 
 mmfs_ablation = dg.define_asset_job(

@@ -82,7 +82,7 @@ def test_real_data_preset_loads_with_its_environment(tmp_path):
 
 def test_quality_preset_loads_its_larger_world_and_job_and_its_run_config_validates(tmp_path):
     """``WEFT_PRESET=sample_world_quality`` (make quality): the same graph on a larger world with 200 held-out items a
-    task, its own job in place of the main one, and a run config that trains the ``small`` model."""
+    task, its own job in place of the main one, and a run config that trains the ``tiny`` model."""
     env = {**os.environ, "WEFT_PRESET": "sample_world_quality", "WEFT_DATA_ROOT": str(tmp_path)}
     code = ("import dagster as dg, json, yaml; from orchestration.definitions import defs; d = defs(); "
             "dg.Definitions.validate_loadable(d); job = d.resolve_job_def('sample_world_quality'); "
@@ -97,7 +97,7 @@ def test_quality_preset_loads_its_larger_world_and_job_and_its_run_config_valida
     loaded = yaml.safe_load(out.strip().splitlines()[-1])
     assert "sample_world_quality" in loaded["jobs"] and "sample_world_main" not in loaded["jobs"]
     assert loaded["pairs"] >= 1000 and loaded["stories"] >= 200 and loaded["eval"] >= 200
-    assert loaded["preset"] == "small"
+    assert loaded["preset"] == "tiny"
 
 
 @pytest.mark.parametrize("preset", ["sample_world", "real_data"])
