@@ -66,8 +66,8 @@ def _metadata(sequences: PackedSequences) -> dict:
     index = read_index(sequences.path)
     return {
         "sequences": sequences.samples,
-        **{k: summary[k] for k in ("documents", "tokens", "text_tokens", "image_tokens", "images", "images_missing", "images_after_text",
-                                   "split_documents", "fill_rate", "tokens_per_second")},
+        **{k: summary[k] for k in ("documents", "tokens", "text_tokens", "image_tokens", "images", "images_missing",
+                                   "images_after_text", "split_documents", "fill_rate", "tokens_per_second")},
         "shards": table({s.name: f"{s.samples} samples, {s.bytes} bytes, sha256 {s.sha256[:12]}" for s in index.shards},
                         ("shard", "")),
         "bytes": sequences.bytes,

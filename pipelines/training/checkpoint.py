@@ -43,8 +43,8 @@ class ModelChoice:
     config_json: str = ""
     """A model ``config.json`` (e.g. the paper preset's); empty: the ``preset`` with the shards' visual tokens."""
     preset: Literal[SCRATCH_PRESETS] = "tiny"
-    """Without ``config_json``: the model built from scratch, ``tiny`` (the demo's and the quality recipe's)
-    or ``small`` (64 px; it learnt to draw a third as well as ``tiny`` on the same pairs: :class:`model.config.MMInterleavedConfig`)."""
+    """Without ``config_json``: the model built from scratch, ``tiny`` (the demo's and the quality recipe's) or
+    ``small`` (64 px; :meth:`model.config.MMInterleavedConfig.small` has why the recipe does not train it)."""
     mmfs: bool = True
     """Without ``config_json``: MMFS in the LLM and the image decoder (off: the ablation's baseline)."""
     vae_steps: int = 150
