@@ -1,6 +1,7 @@
 """Sample-world benchmarks end to end: an oracle scores perfectly, the tiny model runs every task."""
 
 import io
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -9,10 +10,13 @@ from PIL import Image
 
 from model.batch import encode_document
 from pipelines.data.documents import make_pair
+from pipelines.data.errors import reraise
+from pipelines.data.instructions import ImageFolder, read_instructions
 from pipelines.data.packing import PackingConfig, tokenize_documents
 from pipelines.data.tokenizer import add_multimodal_tokens, token_ids
 from pipelines.evaluation.sample_world_tasks import TASKS, evaluate_task, read_split
 from pipelines.sample_world import Scene, WorldConfig, caption, generate_world, render, write_metadata
+from pipelines.sample_world.instructions import InstructionConfig, write_instructions
 from tests.tiny_inputs import tiny_tokenizer
 
 
@@ -80,6 +84,40 @@ def test_generation_prompts_tokenize_as_training_puts_a_caption_before_its_image
         (packed,) = tokenize_documents([pair], tok, PackingConfig(pair_image_first_probability=0.0), images={"t": b"x"})
         asked, _ = encode_document(tok, [prompt], ids.boi, ids.image, 4, (32, 32), add_eos=False)
         assert asked == packed.tokens.tolist()[: packed.image_starts[0] + 1]
+
+
+def test_story_prompts_tokenize_as_the_story_instructions_pack(tmp_path):
+    """What story continuation hands ``generate`` is, token for token up to the frame's ``<BoI>``, what packing writes
+    for the sample world's ``story`` instruction of the same frames and sentences: the last context sentence and the
+    next one are one text apart by a space, as packing joins a text after a text. (The task once passed them as two
+    texts, with no space between: a token training never has there; on the quality recipe's checkpoint that changed
+    story strict accuracy from 0.136 to 0.134 of 200 items.)"""
+    world = generate_world(WorldConfig(seed=3, n_pairs=4, n_stories=8, n_eval=1))
+    path = write_instructions(world, tmp_path / "raw", InstructionConfig(instruction_kinds=("story",)))
+    ids_of_items = [item["id"] for item in json.loads(path.read_text())]
+    documents = dict(zip(ids_of_items, read_instructions(path, path.parent, reraise)))
+    story = next(s for s in world.stories if len(s.images) >= 3 and not any(i.mismatched for i in s.images))
+    k = len(story.images) - 1
+    record = {"story_id": story.story_id, "next_sentence": story.sentences[k], "next_image_id": story.images[k].image_id,
+              "next_scene": story.frames[k].to_dict(),
+              "context": [{"image_id": i.image_id, "sentence": s} for i, s in zip(story.images[:k], story.sentences)]}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "story_continuation.jsonl").write_text(json.dumps(record) + "\n")
+    prompts = []
+
+    def record_prompt(prompt):
+        prompts.append(prompt)
+        return Output("", [Image.new("RGB", (64, 64), "white")])
+
+    evaluate_task("story_continuation", record_prompt, tmp_path / "eval", image_for(world))
+    tok = tiny_tokenizer()
+    add_multimodal_tokens(tok, "<BoI>", "<image>")
+    ids = token_ids(tok)
+    document = documents[f"{story.story_id}-story-{k}"]
+    (packed,) = tokenize_documents([document], tok, PackingConfig(num_image_tokens=4), images=ImageFolder(path.parent))
+    asked, _ = encode_document(tok, prompts[0], ids.boi, ids.image, 4, (32, 32), add_eos=False)
+    assert len(packed.image_starts) == k + 1
+    assert asked == packed.tokens.tolist()[: packed.image_starts[k] + 1]
 
 
 def test_story_copy_floor_is_what_copying_the_previous_image_scores(world_dir):

@@ -121,16 +121,18 @@ def test_vqav2_questions_and_annotations_become_llava_items_the_reader_reads(tmp
 
 
 def test_sample_world_instruction_file_round_trips_through_the_reader(tmp_path):
-    world = generate_world(WorldConfig(seed=5, n_pairs=12, n_stories=2, n_eval=2))
+    world = generate_world(WorldConfig(seed=5, n_pairs=12, n_stories=4, n_eval=2))
     path = write_instructions(world, tmp_path, InstructionConfig(vqa_per_image=3))
     documents = list(read_instructions(path, path.parent, reraise))
     items = json.loads(path.read_text())
     assert len(documents) == len(items) > 0
     scenes = world.scenes()
-    kinds = {kind: 0 for kind in ("vqa", "caption", "grounding", "seg")}
+    kinds = {kind: 0 for kind in ("vqa", "caption", "grounding", "seg", "t2i", "story")}
+    stories = {story.story_id: story for story in world.stories}
     for item, document in zip(items, documents):
         image_id = Path(item["image"][-1]).stem
-        kind = item["id"][len(image_id) + 1:].split("-")[0]  # <image id>-vqa-0, -caption, -grounding-0, -seg
+        # <image id>-vqa-0, -caption, -grounding-0, -seg, -t2i; <story id>-story-<k>
+        kind = "story" if "-story-" in item["id"] else item["id"][len(image_id) + 1:].split("-")[0]
         kinds[kind] += 1
         scene = scenes[image_id]
         texts = [(e["role"], e["text"]) for e in document["elements"] if e["type"] == "text"]
@@ -138,6 +140,17 @@ def test_sample_world_instruction_file_round_trips_through_the_reader(tmp_path):
         if kind == "seg":  # [label map] -> [scene]: the answer is an image to draw
             assert texts == [] and keys == [("instruction", f"labels/{image_id}.png"),
                                             ("answer", f"images/{image_id}.jpg")]
+            continue
+        if kind == "t2i":  # [caption] -> [scene], the caption lower-cased as pairs are packed
+            assert texts == [("instruction", caption(scene).lower())] and keys == [("answer", f"images/{image_id}.jpg")]
+            continue
+        if kind == "story":  # [frame, sentence, ..., frame k-1, sentence k-1 + sentence k] -> [frame k]
+            story_id, k = item["id"].rsplit("-story-", 1)
+            story, k = stories[story_id], int(k)
+            assert [role for role, _ in keys] == ["instruction"] * k + ["answer"]
+            assert [key for _, key in keys] == [f"images/{image.image_id}.jpg" for image in story.images[:k + 1]]
+            assert texts == [("instruction", s) for s in story.sentences[:k - 1]] + [
+                ("instruction", f"{story.sentences[k - 1]} {story.sentences[k]}")]
             continue
         assert keys == [("instruction", f"images/{image_id}.jpg")]
         if kind == "vqa":  # asked as the VQA benchmark asks: [image, question] -> answer

@@ -158,7 +158,7 @@ def test_readers_accept_plain_jsonl_world(tmp_path):
 
 
 def test_instruction_data_is_deterministic_and_drawn_as_the_eval_prompts(tmp_path):
-    world = generate_world(WorldConfig(seed=3, n_pairs=8, n_stories=2, n_eval=2))
+    world = generate_world(WorldConfig(seed=3, n_pairs=8, n_stories=6, n_eval=2))
     a = write_metadata(world, tmp_path / "a", BASE, instructions=InstructionConfig())["instructions"][0]
     b = write_metadata(world, tmp_path / "b", BASE, instructions=InstructionConfig())["instructions"][0]
     assert a == tmp_path / "a" / "instructions" / "instructions.json"
@@ -170,8 +170,20 @@ def test_instruction_data_is_deterministic_and_drawn_as_the_eval_prompts(tmp_pat
         assert (a.parent / "images" / f"{image_id}.jpg").read_bytes() == encode(render(scene, 64), "jpeg")
         label_map = Image.open(a.parent / "labels" / f"{image_id}.png")
         assert np.array_equal(np.asarray(label_map.convert("RGB")), np.asarray(eval_label_map(scene, 64)))
-    per_image = len(items) / len(scenes)
-    assert 1 + 1 + 1 < per_image <= 4 + 1 + 1 + 1  # vqa (up to 4), captioning, grounding, seg-to-image
+    stories = [i for i in items if "-story-" in i["id"]]
+    per_image = (len(items) - len(stories)) / len(scenes)
+    assert 1 + 1 + 1 + 1 < per_image <= 4 + 1 + 1 + 1 + 1  # vqa (up to 4), captioning, grounding, seg/text-to-image
+    t2i = next(i for i in items if i["id"].endswith("-t2i"))
+    assert t2i["conversations"][0]["value"] == caption(scenes[Path(t2i["image"][0]).stem]).lower()
+    # story items: a clean story of n frames gives n - 1, each prompting frame k as the story benchmark does
+    clean = [s for s in world.stories if not any(image.mismatched for image in s.images)]
+    assert len(stories) >= sum(len(s.images) - 1 for s in clean)
+    story = next(s for s in clean if len(s.images) >= 3)
+    item = next(i for i in stories if i["id"] == f"{story.story_id}-story-2")
+    assert item["image"] == [f"images/{image.image_id}.jpg" for image in story.images[:3]]
+    assert item["conversations"][0]["value"] == (f"<image>\n{story.sentences[0]}\n<image>\n{story.sentences[1]} "
+                                                 f"{story.sentences[2]}")
+    assert item["conversations"][1]["value"] == "<image>"
     fewer = write_metadata(world, tmp_path / "c", BASE, instructions=InstructionConfig(
         instruction_kinds=("captioning",)))["instructions"][0]
     assert len(json.loads(fewer.read_text())) == len(scenes) and not any((fewer.parent / "labels").iterdir())

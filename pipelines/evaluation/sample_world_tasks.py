@@ -173,7 +173,7 @@ def evaluate_task(
             prompt: list[str | Image.Image] = []
             for step in record["context"]:
                 prompt += [image_for(step["image_id"]), step["sentence"]]
-            prompt.append(f"{record['next_sentence']}{BOI}")
+            prompt[-1] = f"{prompt[-1]} {record['next_sentence']}{BOI}"  # a text after a text: one space, as packed
             outputs.append(_first_image(run(prompt)))
         targets = [Scene.from_dict(r["next_scene"]) for r in records]
         scores = _scene_scores(outputs, targets, image_size)

@@ -14,7 +14,15 @@ captioning      ``<image>``                            the lower-cased true capt
 grounding       ``<image>`` + ``What is at the top     ``a large red circle.`` / ``the digit 7.``
                 left?``
 seg_to_image    ``<image>`` (the label map)            ``<image>`` (the scene)
+text_to_image   the lower-cased true caption           ``<image>`` (the scene)
+story           ``<image>`` + its sentence for each    ``<image>`` (frame ``k``)
+                frame before ``k``, then sentence
+                ``k``
 ==============  =====================================  =====================================
+
+``story`` is the paper's storytelling fine-tuning (its VIST stage: the model generates a story's frame from the
+frames and sentences before it), one item per frame ``k >= 1`` of each training story whose frames up to ``k`` are
+its own (a mismatched image ends the story's items). The other kinds are per training image.
 
 Everything is drawn from ``random.Random(f"{seed}:instructions:{image_id}")``: the same world and config write
 the same files.
@@ -32,9 +40,9 @@ from typing import Any
 from pipelines.data.instructions import INSTRUCTIONS_DIR, INSTRUCTIONS_FILE
 from pipelines.files import atomic_path
 from pipelines.sample_world.scenes import Scene, encode, label_map_image, render
-from pipelines.sample_world.world import SampleWorld, caption, scene_questions
+from pipelines.sample_world.world import SampleWorld, Story, caption, scene_questions
 
-INSTRUCTION_KINDS = ("vqa", "captioning", "grounding", "seg_to_image")
+INSTRUCTION_KINDS = ("vqa", "captioning", "grounding", "seg_to_image", "text_to_image", "story")
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class InstructionConfig:
     """Which instruction items the sample world writes, per training image."""
 
     instruction_kinds: tuple[str, ...] = INSTRUCTION_KINDS
-    """Kinds of item written (any of ``vqa``, ``captioning``, ``grounding``, ``seg_to_image``); empty: none."""
+    """Kinds of item written (any of :data:`INSTRUCTION_KINDS`); empty: none."""
     vqa_per_image: int = 4
     """VQA items per image, drawn from its questions (all of them when it has fewer)."""
     grounding_per_image: int = 1
@@ -91,6 +99,21 @@ def image_items(image_id: str, scene: Scene, config: InstructionConfig, seed: in
             items.append(_item(f"{image_id}-grounding-{k}", [image], f"<image>\n{question}", answer))
     if "seg_to_image" in kinds:
         items.append(_item(f"{image_id}-seg", [labels, image], "<image>", "<image>"))
+    if "text_to_image" in kinds:
+        items.append(_item(f"{image_id}-t2i", [image], caption(scene).lower(), "<image>"))
+    return items
+
+
+def story_items(story: Story) -> list[dict[str, Any]]:
+    """The ``story`` items of one training story: for each frame ``k >= 1``, the frames before it each followed by
+    its sentence, then sentence ``k``, as the held-out story benchmark prompts; answered with frame ``k``."""
+    items = []
+    for k in range(1, len(story.images)):
+        if any(image.mismatched for image in story.images[:k + 1]):
+            break
+        context = "\n".join(f"<image>\n{sentence}" for sentence in story.sentences[:k])
+        images = [f"images/{image.image_id}.jpg" for image in story.images[:k + 1]]
+        items.append(_item(f"{story.story_id}-story-{k}", images, f"{context} {story.sentences[k]}", "<image>"))
     return items
 
 
@@ -98,18 +121,19 @@ def write_instructions(world: SampleWorld, raw_dir: str | os.PathLike, config: I
     """Write ``<raw_dir>/instructions/`` (the JSON file, its images and label maps; replaced whole, atomically) for
     every training image of ``world``; returns the JSON file's path."""
     size, seed = world.config.image_size, world.config.seed
-    items = []
+    scenes = world.scenes()
+    items = [item for image_id, scene in sorted(scenes.items()) for item in image_items(image_id, scene, config, seed)]
+    if "story" in config.instruction_kinds:
+        items += [item for story in world.stories for item in story_items(story)]
     out = Path(raw_dir) / INSTRUCTIONS_DIR
     with atomic_path(out) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "labels").mkdir()
-        for image_id, scene in sorted(world.scenes().items()):
-            scene_items = image_items(image_id, scene, config, seed)
-            if not scene_items:
-                continue
-            (tmp / "images" / f"{image_id}.jpg").write_bytes(encode(render(scene, size), "jpeg"))
-            if "seg_to_image" in config.instruction_kinds:
-                label_map_image(scene, size).save(tmp / "labels" / f"{image_id}.png")
-            items += scene_items
+        for name in sorted({name for item in items for name in item["image"]}):
+            folder, image_id = Path(name).parent.name, Path(name).stem
+            if folder == "labels":
+                label_map_image(scenes[image_id], size).save(tmp / name)
+            else:
+                (tmp / name).write_bytes(encode(render(scenes[image_id], size), "jpeg"))
         (tmp / INSTRUCTIONS_FILE).write_text(json.dumps(items, indent=1))
     return out / INSTRUCTIONS_FILE
