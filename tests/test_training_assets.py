@@ -102,7 +102,8 @@ def test_instruction_sequences_pack_the_worlds_instruction_file_with_loss_on_ans
     assert manifest.packing == PACKING and read_index(manifest.path).samples == manifest.samples > 0
     losses = manifest.counts.losses
     assert 0 < losses.trained_tokens < losses.untrained_tokens  # short answers after longer prompts
-    assert losses.trained_images == sum(1 for i in items if i["id"].endswith("-seg")) < losses.untrained_images
+    drawn = sum(turn["value"].count("<image>") for i in items for turn in i["conversations"] if turn["from"] == "gpt")
+    assert drawn > 0 and losses.trained_images == drawn < losses.untrained_images  # seg, text-to-image, story answers
     metadata = result.asset_materializations_for_node("instruction_sequences")[0].metadata
     assert metadata["items"].value == len(items) and metadata["malformed_items"].value == 0
     assert metadata["trained_tokens"].value == losses.trained_tokens
