@@ -79,8 +79,12 @@ DATA_CHECKS = [raw_documents_shards_readable, raw_documents_parse_rate, download
 SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, ablation_checkpoints,
                            mmfs_ablation_report]
 
-SAMPLE_WORLD = SampleWorld(n_pairs=240, n_stories=48, docs_per_shard=24, rows_per_shard=200)
-"""The embedded default's world: small enough that the main job runs in minutes on a laptop CPU."""
+SAMPLE_WORLD = SampleWorld(n_pairs=240, n_stories=48, docs_per_shard=24, rows_per_shard=200,
+                           instruction_kinds=("vqa", "captioning", "grounding", "seg_to_image"))
+"""The embedded default's world: small enough that the main job runs in minutes on a laptop CPU. Its fine-tuning (150
+steps of one row) writes the first four instruction kinds only: with the text-to-image and story items too (fresh
+clone at 0c39a77, 40 items) the fine-tuned model scored CIDEr 0.484 [0.334, 0.673] against 0.881 [0.622, 1.195] and
+text-to-image attribute 0.115 [0.073, 0.160] against 0.357 [0.284, 0.429]: its few steps spread over more kinds."""
 
 QUALITY_WORLD = SampleWorld(n_pairs=12000, n_stories=600, n_eval=200, docs_per_shard=150, rows_per_shard=500)
 """The quality recipe's world: thousands of pairs and stories through the same graph, 200 held-out items a task. 12,000
