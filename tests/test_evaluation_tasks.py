@@ -17,6 +17,7 @@ from pipelines.data.tokenizer import add_multimodal_tokens, token_ids
 from pipelines.evaluation.sample_world_tasks import TASKS, evaluate_task, read_split
 from pipelines.sample_world import Scene, WorldConfig, caption, generate_world, render, write_metadata
 from pipelines.sample_world.instructions import InstructionConfig, write_instructions
+from pipelines.sample_world.world import story_continuation_record
 from tests.tiny_inputs import tiny_tokenizer
 
 
@@ -98,11 +99,8 @@ def test_story_prompts_tokenize_as_the_story_instructions_pack(tmp_path):
     documents = dict(zip(ids_of_items, read_instructions(path, path.parent, reraise)))
     story = next(s for s in world.stories if len(s.images) >= 3 and not any(i.mismatched for i in s.images))
     k = len(story.images) - 1
-    record = {"story_id": story.story_id, "next_sentence": story.sentences[k], "next_image_id": story.images[k].image_id,
-              "next_scene": story.frames[k].to_dict(),
-              "context": [{"image_id": i.image_id, "sentence": s} for i, s in zip(story.images[:k], story.sentences)]}
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "story_continuation.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "eval" / "story_continuation.jsonl").write_text(json.dumps(story_continuation_record(story)) + "\n")
     prompts = []
 
     def record_prompt(prompt):

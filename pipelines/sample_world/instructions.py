@@ -47,7 +47,7 @@ INSTRUCTION_KINDS = ("vqa", "captioning", "grounding", "seg_to_image", "text_to_
 
 @dataclass(frozen=True)
 class InstructionConfig:
-    """Which instruction items the sample world writes, per training image."""
+    """Which instruction items the sample world writes (per training image; ``story`` per training story)."""
 
     instruction_kinds: tuple[str, ...] = INSTRUCTION_KINDS
     """Kinds of item written (any of :data:`INSTRUCTION_KINDS`); empty: none."""
@@ -76,6 +76,11 @@ def _grounding(scene: Scene) -> list[tuple[str, str]]:
     return [(f"What is {_where(position)}?", answer) for position, answer in cells]
 
 
+def _image_file(image_id: str) -> str:
+    """A training image's path in the instruction image folder (JPEG, as the image server serves it)."""
+    return f"images/{image_id}.jpg"
+
+
 def _item(item_id: str, images: list[str], human: str, gpt: str) -> dict[str, Any]:
     return {"id": item_id, "image": images,
             "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
@@ -84,7 +89,7 @@ def _item(item_id: str, images: list[str], human: str, gpt: str) -> dict[str, An
 def image_items(image_id: str, scene: Scene, config: InstructionConfig, seed: int) -> list[dict[str, Any]]:
     """The instruction items of one training image (see the module docstring)."""
     rng = random.Random(f"{seed}:instructions:{image_id}")
-    image, labels = f"images/{image_id}.jpg", f"labels/{image_id}.png"
+    image, labels = _image_file(image_id), f"labels/{image_id}.png"
     items = []
     kinds = config.instruction_kinds
     if "vqa" in kinds:
@@ -112,14 +117,14 @@ def story_items(story: Story) -> list[dict[str, Any]]:
         if any(image.mismatched for image in story.images[:k + 1]):
             break
         context = "\n".join(f"<image>\n{sentence}" for sentence in story.sentences[:k])
-        images = [f"images/{image.image_id}.jpg" for image in story.images[:k + 1]]
+        images = [_image_file(image.image_id) for image in story.images[:k + 1]]
         items.append(_item(f"{story.story_id}-story-{k}", images, f"{context} {story.sentences[k]}", "<image>"))
     return items
 
 
 def write_instructions(world: SampleWorld, raw_dir: str | os.PathLike, config: InstructionConfig) -> Path:
     """Write ``<raw_dir>/instructions/`` (the JSON file, its images and label maps; replaced whole, atomically) for
-    every training image of ``world``; returns the JSON file's path."""
+    every training image and story of ``world``, each image file once; returns the JSON file's path."""
     size, seed = world.config.image_size, world.config.seed
     scenes = world.scenes()
     items = [item for image_id, scene in sorted(scenes.items()) for item in image_items(image_id, scene, config, seed)]

@@ -247,12 +247,18 @@ def _eval_splits(world: SampleWorld) -> None:
         story = _story(rng, f"es{i:05d}", rng.randint(3, 6), mismatch_rate=0.0)
         for image in story.images:
             world.eval_scenes[image.image_id] = image.scene
-        splits["story_continuation"].append({
-            "story_id": story.story_id,
-            "context": [{"image_id": im.image_id, "sentence": story.sentences[k]}
-                        for k, im in enumerate(story.images[:-1])],
-            "next_sentence": story.sentences[len(story.images) - 1],
-            "next_image_id": story.images[-1].image_id,
-            "next_scene": story.frames[-1].to_dict(),
-        })
+        splits["story_continuation"].append(story_continuation_record(story))
     world.eval_splits = splits
+
+
+def story_continuation_record(story: Story) -> dict:
+    """The story benchmark's item of ``story``: its frames but the last, each with its sentence, then the last frame's
+    sentence, image id and scene (the target)."""
+    last = len(story.images) - 1
+    return {
+        "story_id": story.story_id,
+        "context": [{"image_id": im.image_id, "sentence": story.sentences[k]} for k, im in enumerate(story.images[:last])],
+        "next_sentence": story.sentences[last],
+        "next_image_id": story.images[last].image_id,
+        "next_scene": story.frames[last].to_dict(),
+    }
