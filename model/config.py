@@ -128,6 +128,10 @@ class VisionConfig:
     pyramid_scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
     """Level sizes relative to the ViT patch grid, largest first (the ViT-Adapter makes all four)."""
     resampler: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(output_init_std=1e-3))
+    train_vit: bool = False
+    """Train the ViT's weights too (the paper freezes its pretrained CLIP ViT). For a randomly initialised ViT: frozen,
+    its patch tokens are fixed random projections of the patches, and the visual tokens made from them lose what the
+    trained pyramid keeps (see :meth:`MMInterleavedConfig.from_scratch`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.resampler, dict):

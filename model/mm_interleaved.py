@@ -428,7 +428,7 @@ class MMInterleaved(nn.Module):
     def _referenced_prefixes(self) -> tuple[str, ...]:
         """Frozen parts that a checkpoint may reference by their local source path instead of copying."""
         prefixes = []
-        if self.config.vision.clip_checkpoint is not None:
+        if self.config.vision.clip_checkpoint is not None and not self.config.vision.train_vit:
             prefixes.append("vision.vit.")
         if self.config.language.llm_path is not None and self.config.language.freeze_llm:
             prefixes.append("language.llm.")

@@ -103,12 +103,12 @@ class PyramidLevel(nn.Module):
 
 
 class SimplePyramid(nn.Module):
-    """The ViT (without autograd) -> its last layer's patch grid -> one :class:`PyramidLevel` per scale
-    (transposed convolutions for 4x and 2x, a 1x1 projection for 1x, max-pooling for 1/2x).
+    """The ViT (without autograd unless :attr:`VisionConfig.train_vit`) -> its last layer's patch grid -> one
+    :class:`PyramidLevel` per scale (transposed convolutions for 4x and 2x, a 1x1 projection for 1x, max-pooling for 1/2x).
 
     Args:
-        config: the levels' scales and channels.
-        vit: the frozen ViT, read here for its width only (it is passed to :meth:`forward`, not kept).
+        config: the levels' scales and channels, whether the ViT trains.
+        vit: the ViT, read here for its width only (it is passed to :meth:`forward`, not kept).
         channels: channels of the output maps.
     """
 
@@ -116,11 +116,12 @@ class SimplePyramid(nn.Module):
         super().__init__()
         width = vit.conv1.out_channels
         self.levels = nn.ModuleList(PyramidLevel(width, channels, s) for s in config.pyramid_scales)
+        self.train_vit = config.train_vit
         self.gradient_checkpointing = False
 
     def forward(self, vit: VisionTransformer, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
         """``pixels: (K, 3, H, W)`` normalised -> patch tokens ``(K, g_h * g_w, width)``, maps ``(K, C, s * g_h, s * g_w)``."""
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_vit):
             grid = vit.forward_intermediates(pixels, indices=1, intermediates_only=True)["image_intermediates"][-1]
         maps = [maybe_checkpoint(self.gradient_checkpointing, level, grid) for level in self.levels]
         return grid.flatten(2).transpose(1, 2), maps
@@ -151,7 +152,7 @@ class ImageTokenizer(nn.Module):
         super().__init__()
         self.config = config
         self.vit = build_clip_vision_tower(config.clip_model, config.clip_checkpoint)
-        self.vit.requires_grad_(False)
+        self.vit.requires_grad_(config.train_vit)
         self.vit.eval()
         width = self.vit.conv1.out_channels
         self.image_size = tuple(self.vit.image_size)
@@ -162,7 +163,7 @@ class ImageTokenizer(nn.Module):
 
     def train(self, mode: bool = True) -> "ImageTokenizer":
         super().train(mode)
-        self.vit.eval()  # frozen: no dropout, whatever the mode of the rest
+        self.vit.eval()  # no dropout, whatever the mode of the rest (frozen or not: the release's ViT has none)
         return self
 
     @property

@@ -2,6 +2,7 @@
 Hugging Face model computes; every mismatch (path, keys, shapes, activation, heads) is refused with its name."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 from model.clip_weights import CheckpointConfigError, CheckpointKeysError, CheckpointShapeError
 from model.config import MMInterleavedConfig
+from model.mm_interleaved import MMInterleaved
 from model.vision import build_clip_vision_tower
+from tests.tiny_inputs import tiny_tokenizer
 
 WIDTH, PROJECTION = 32, 16
 OPEN_CLIP = {
@@ -183,3 +186,22 @@ def test_a_shape_mismatch_names_the_key_and_both_shapes(hf_folder):
 def test_the_paper_preset_refuses_a_random_frozen_vit():
     with pytest.raises(ValueError, match="clip_checkpoint"):
         MMInterleavedConfig.paper(llm_path="llm", diffusion_path="sd", clip_checkpoint=None)
+
+
+def test_a_trained_vit_is_saved_with_the_model_and_a_frozen_one_is_referenced(tmp_path, hf_folder):
+    """A ViT loaded from a local file and then trained (``train_vit``) is copied into the checkpoint: loading it again
+    from the file would silently undo its training. A frozen one is referenced by its path, as before."""
+    for train_vit in (True, False):
+        config = MMInterleavedConfig.tiny()
+        config.vision = dataclasses.replace(config.vision, clip_model=OPEN_CLIP, clip_checkpoint=str(hf_folder[0]),
+                                            train_vit=train_vit)
+        model = MMInterleaved(config, tiny_tokenizer())
+        assert all(p.requires_grad == train_vit for p in model.vision.vit.parameters())
+        with torch.no_grad():
+            model.vision.vit.conv1.weight.add_(1.0)  # as training (or a stray write to a frozen tower) would
+        model.save_pretrained(tmp_path / str(train_vit))
+        saved = load_file(tmp_path / str(train_vit) / "model.safetensors")
+        assert ("vision.vit.conv1.weight" in saved) == train_vit
+        loaded = MMInterleaved.from_pretrained(tmp_path / str(train_vit)).vision.vit.conv1.weight
+        torch.testing.assert_close(loaded, model.vision.vit.conv1.weight if train_vit
+                                   else build_clip_vision_tower(OPEN_CLIP, str(hf_folder[0])).conv1.weight)

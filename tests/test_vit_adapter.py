@@ -139,3 +139,14 @@ def test_a_pyramid_wider_than_the_vit_is_refused():
     vision = MMInterleavedConfig.tiny().vision
     with pytest.raises(ValueError, match="ViT's width 32"):
         ImageTokenizer(dataclasses.replace(vision, pyramid_channels=48), output_dim=64)
+
+
+@pytest.mark.parametrize("pyramid", PYRAMIDS)
+def test_a_trained_vit_gets_gradients_through_either_pyramid(pyramid):
+    torch.manual_seed(0)
+    vision = dataclasses.replace(MMInterleavedConfig.tiny().vision, pyramid=pyramid, train_vit=True)
+    tokenizer = ImageTokenizer(vision, output_dim=64).train()
+    out = tokenizer(torch.rand(2, 3, 32, 32))
+    (sum(m.square().mean() for m in out.feature_maps) + out.visual_tokens.square().mean()).backward()
+    for name in ("conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.1.mlp.c_fc.weight"):
+        assert tokenizer.vit.get_parameter(name).grad.abs().sum() > 0, name
