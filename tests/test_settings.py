@@ -74,3 +74,9 @@ def test_run_config_is_validated_against_the_derived_fields():
 def test_two_stages_with_one_field_name_are_refused():
     with pytest.raises(TypeError, match="ScorerTraining.steps"):
         stage_fields(ScorerTraining, ScorerTraining)
+
+
+def test_the_checkpoint_settings_choose_whether_the_presets_vit_trains():
+    assert not ModelChoice().model_config(8).vision.train_vit
+    chosen = TrainingSettings(train_vit=True).to(ModelChoice)
+    assert chosen.train_vit and chosen.model_config(8).vision.train_vit

@@ -47,6 +47,8 @@ class ModelChoice:
     ``small`` (64 px; :meth:`model.config.MMInterleavedConfig.small` has why the recipe does not train it)."""
     mmfs: bool = True
     """Without ``config_json``: MMFS in the LLM and the image decoder (off: the ablation's baseline)."""
+    train_vit: bool = False
+    """Without ``config_json``: train the preset's randomly initialised ViT too (:attr:`model.config.VisionConfig.train_vit`)."""
     vae_steps: int = 150
     """Models without a pretrained VAE (the presets): fit the random VAE to the training images for this many steps
     before training (0: keep it random, and every generated image is noise)."""
@@ -57,6 +59,7 @@ class ModelChoice:
             config = MMInterleavedConfig.load(self.config_json)
         else:
             config = getattr(MMInterleavedConfig, self.preset)(num_visual_tokens=num_visual_tokens, mmfs=self.mmfs)
+            config.vision = replace(config.vision, train_vit=self.train_vit)
         if config.num_visual_tokens != num_visual_tokens:
             raise ValueError(f"{self.config_json}: the model has {config.num_visual_tokens} visual tokens, "
                              f"the shards were packed with {num_visual_tokens}")
