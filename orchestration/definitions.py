@@ -22,7 +22,8 @@ import os
 
 import dagster as dg
 
-from assets.ablation import ablation_checkpoints, ablation_sequences, mmfs_ablation_report
+from assets.ablation import (ablation_checkpoints, ablation_finetuned_checkpoints, ablation_instruction_sequences,
+                             ablation_sequences, mmfs_ablation_report)
 from assets.clip import clip_scorer, clip_scores
 from assets.decontamination import decontaminated_documents
 from assets.dedup import deduplicated_documents, deduplicated_documents_rate
@@ -77,7 +78,7 @@ DATA_CHECKS = [raw_documents_shards_readable, raw_documents_parse_rate, download
 # The sample world ships its own benchmarks (and its scenes for the ablation); real benchmarks come with
 # their own data, so these assets exist in the sample-world preset only.
 SAMPLE_WORLD_EVALUATION = [sample_world, evaluation_report, ablation_sequences, ablation_checkpoints,
-                           mmfs_ablation_report]
+                           ablation_instruction_sequences, ablation_finetuned_checkpoints, mmfs_ablation_report]
 
 SAMPLE_WORLD = SampleWorld(n_pairs=240, n_stories=48, docs_per_shard=24, rows_per_shard=200,
                            instruction_kinds=("vqa", "captioning", "grounding", "seg_to_image"))

@@ -48,8 +48,9 @@ sample_world_quality = dg.define_asset_job(
 mmfs_ablation = dg.define_asset_job(
     "mmfs_ablation",
     selection=dg.AssetSelection.groups("ablation"),
-    description=("Paper Tab. 6(a) on the sample world: per variant (MMFS vs no MMFS vs 8x the visual tokens) packed "
-                 "sequences and a checkpoint, then one report (slow: 35-60 min on 2 CPU cores)."),
+    description=("Paper Tab. 6(a) on the sample world: per variant (MMFS vs no MMFS vs more visual tokens without) packed "
+                 "sequences, a checkpoint and its fine-tuning on the instruction data, then one report (slow: make "
+                 "ablation ~60 min, make quality-ablation ~3 h on 2 CPU cores)."),
 )
 
 refilter = dg.define_asset_job(

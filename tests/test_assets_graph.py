@@ -17,7 +17,7 @@ from pipelines.data.loader import sequence_dataset
 from pipelines.data.recaption import CAPTION_FIELD
 from pipelines.data.shards import read_index, verify_shards
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.evaluation.ablation import PAPER_VARIANTS, VARIANTS
+from pipelines.evaluation.ablation import VARIANTS
 from pipelines.files import tar_keys
 from pipelines.sample_world.captions import normalize_caption
 from pipelines.sample_world.image_server import ImageServer
@@ -233,12 +233,15 @@ def test_instruction_sequences_read_the_sample_worlds_instruction_data_with_the_
 
 
 @pytest.mark.slow
-def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph):
+def test_mmfs_ablation_packs_trains_finetunes_and_reports_every_variant_in_the_graph(graph):
     """Before the refilter test: the variants are packed from the documents the preset's thresholds keep."""
     config = {"ops": {
-        "ablation_sequences": {"config": {"max_length": 640, "samples_per_shard": 64}},
+        "ablation_sequences": {"config": {"max_length": 640, "num_image_tokens": 32, "many_image_tokens": 256,
+                                          "samples_per_shard": 64}},
         "ablation_checkpoints": {"config": {"max_steps": 2, "warmup_steps": 0, "zero_stage": 0, "checkpoint_every": 2,
-                                            "vae_steps": 2}},
+                                            "vae_steps": 2, "train_vit": True}},
+        "ablation_finetuned_checkpoints": {"config": {"max_steps": 1, "warmup_steps": 0, "zero_stage": 0,
+                                                      "checkpoint_every": 1}},
         "mmfs_ablation_report": {"config": {"tasks": ["captioning", "text_to_image"], "limit": 1,
                                             "num_inference_steps": 2, "max_new_tokens": 4}},
     }}
@@ -246,19 +249,26 @@ def test_mmfs_ablation_packs_trains_and_reports_every_variant_in_the_graph(graph
         instance=graph.instance, run_config=config, tags=partition_range_tags(list(VARIANTS)))
     assert result.success
     sequences = result.output_for_node("ablation_sequences")
-    assert {k: s.packing.num_image_tokens for k, s in sequences.items()} == {k: v.num_visual_tokens
-                                                                             for k, v in VARIANTS.items()}
+    assert {k: s.packing.num_image_tokens for k, s in sequences.items()} == {
+        "mmfs": 32, "no_mmfs": 32, "many_tokens_no_mmfs": 256}
+    instructions = result.output_for_node("ablation_instruction_sequences")
+    assert {k: s.packing for k, s in instructions.items()} == {k: s.packing for k, s in sequences.items()}
     checkpoints = result.output_for_node("ablation_checkpoints")
     assert all(c.step == 2 for c in checkpoints.values())
+    tuned = result.output_for_node("ablation_finetuned_checkpoints")
+    assert all(t.step == 1 and t.pretrained.version == checkpoints[k].version for k, t in tuned.items())
     for key, variant in VARIANTS.items():  # MMFS in the image decoder exactly where the variant has it
-        model_config = json.loads(Path(checkpoints[key].model_dir, "config.json").read_text())
+        model_config = json.loads(Path(tuned[key].model_dir, "config.json").read_text())
         assert (model_config["decoder"]["mmfs"] is not None) == variant.mmfs, key
+        assert model_config["vision"]["train_vit"], key  # the model settings the variants share
     report = result.output_for_node("mmfs_ablation_report")
-    assert list(report.scores) == [v.name for v in PAPER_VARIANTS]
+    names = ["32 tokens, MMFS", "32 tokens, no MMFS", "256 tokens, no MMFS"]
+    assert list(report.scores) == names
     text = (Path(report.path) / "report.md").read_text()
-    assert all(v.name in text for v in PAPER_VARIANTS) and (Path(report.path) / "loss.png").is_file()
-    assert json.loads((Path(report.path) / "results.json").read_text())["lineage"]["variants"]["256 tokens, no MMFS"] == {
-        "num_visual_tokens": 256, "mmfs": False}
+    assert all(name in text for name in names) and (Path(report.path) / "loss.png").is_file()
+    lineage = json.loads((Path(report.path) / "results.json").read_text())["lineage"]
+    assert lineage["variants"]["256 tokens, no MMFS"] == {"num_visual_tokens": 256, "mmfs": False}
+    assert lineage["instruction shards"]["32 tokens, MMFS"] == instructions["mmfs"].path
 
 
 def _data_versions(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str | None], str]:

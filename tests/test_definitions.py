@@ -37,7 +37,7 @@ def test_definitions_load():
                     "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
                     "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint", "instruction_sequences",
                     "finetuned_checkpoint", "evaluation_report", "ablation_sequences", "ablation_checkpoints",
-                    "mmfs_ablation_report"}
+                    "ablation_instruction_sequences", "ablation_finetuned_checkpoints", "mmfs_ablation_report"}
     # the lineage: the sample world writes the raw shards that raw_documents reads; Dagster never makes them
     assert graph.get(dg.AssetKey("raw_shards")).parent_keys == {dg.AssetKey("sample_world")}
     assert dg.AssetKey("raw_shards") in graph.get(dg.AssetKey("raw_documents")).parent_keys
@@ -56,9 +56,10 @@ def test_definitions_load():
     assert job_assets("sample_world_data") == data
     assert job_assets("sample_world_main") == data | {"checkpoint", "instruction_sequences", "finetuned_checkpoint",
                                                       "evaluation_report"}
-    assert job_assets("mmfs_ablation") == {"ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
+    assert job_assets("mmfs_ablation") == {"ablation_sequences", "ablation_checkpoints", "ablation_instruction_sequences",
+                                           "ablation_finetuned_checkpoints", "mmfs_ablation_report"}
     assert loaded.resolve_job_def("mmfs_ablation").partitions_def.get_partition_keys() == [
-        "32_tokens_mmfs", "32_tokens_no_mmfs", "256_tokens_no_mmfs"]
+        "mmfs", "no_mmfs", "many_tokens_no_mmfs"]
     assert job_assets("ingest") == {"raw_documents", "downloaded_images"}
     assert job_assets("refilter") == {"filtered_documents", "deduplicated_documents", "decontaminated_documents",
                                       "packed_sequences"}  # recaptions come before filtering
@@ -119,7 +120,28 @@ def test_run_config_presets_validate_against_the_jobs(preset):
 def test_ablation_preset_validates_against_its_job():
     with open(PRESETS_DIR / "ablation.yaml") as f:
         config = yaml.safe_load(f)
-    assert set(config["ops"]) == {"ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"}
+    assert set(config["ops"]) == {"ablation_sequences", "ablation_checkpoints", "ablation_instruction_sequences",
+                                  "ablation_finetuned_checkpoints", "mmfs_ablation_report"}
+    assert dg.validate_run_config(defs().resolve_job_def("mmfs_ablation"), config)
+
+
+def test_quality_ablation_config_is_the_quality_recipe_per_variant(monkeypatch):
+    """make quality-ablation's run config: the quality preset's stages under the ablation's ops, valid for the
+    quality definitions' job; every variant pretrains and fine-tunes as the recipe does."""
+    from orchestration.ablation_config import STAGES, ablation_run_config
+
+    with open(PRESETS_DIR / "sample_world_quality.yaml") as f:
+        preset = yaml.safe_load(f)
+    preset["ops"]["checkpoint"]["config"]["mmfs"] = False  # the variant decides, not the preset
+    config = ablation_run_config(preset, many_image_tokens=64)
+    assert set(config["ops"]) == set(STAGES.values())
+    tuned = config["ops"]["ablation_finetuned_checkpoints"]["config"]
+    assert tuned == preset["ops"]["finetuned_checkpoint"]["config"]
+    trained = config["ops"]["ablation_checkpoints"]["config"]
+    assert "mmfs" not in trained and trained["train_vit"] is True
+    assert config["ops"]["ablation_sequences"]["config"]["many_image_tokens"] == 64
+    assert config["ops"]["ablation_sequences"]["config"]["num_image_tokens"] == 16
+    monkeypatch.setenv("WEFT_PRESET", "sample_world_quality")
     assert dg.validate_run_config(defs().resolve_job_def("mmfs_ablation"), config)
 
 

@@ -26,7 +26,8 @@ ARTIFACTS = Path(os.environ.get("WEFT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 ASSETS = ["sample_world", "raw_shards", "raw_documents", "downloaded_images", "clip_scorer", "clip_scores", "filtered_documents",
           "captioner", "recaptions", "deduplicated_documents", "decontaminated_documents", "tokenizer",
           "packed_sequences", "checkpoint", "instruction_sequences", "finetuned_checkpoint", "evaluation_report",
-          "ablation_sequences", "ablation_checkpoints", "mmfs_ablation_report"]
+          "ablation_sequences", "ablation_checkpoints", "ablation_instruction_sequences", "ablation_finetuned_checkpoints",
+          "mmfs_ablation_report"]
 
 
 def _free_port() -> int:

@@ -100,7 +100,8 @@ def test_webserver_serves_the_asset_graph_checks_schedule_and_sensor(webserver):
                            "filtered_documents", "captioner", "recaptions", "deduplicated_documents",
                            "decontaminated_documents", "tokenizer", "packed_sequences", "checkpoint",
                            "instruction_sequences", "finetuned_checkpoint", "evaluation_report", "ablation_sequences",
-                           "ablation_checkpoints", "mmfs_ablation_report"}
+                           "ablation_checkpoints", "ablation_instruction_sequences", "ablation_finetuned_checkpoints",
+                           "mmfs_ablation_report"}
     assert assets["downloaded_images"]["isPartitioned"] and not assets["packed_sequences"]["isPartitioned"]
     assert assets["raw_shards"]["isPartitioned"]  # the files, one partition per shard
     assert assets["recaptions"]["isPartitioned"] and not assets["captioner"]["isPartitioned"]
