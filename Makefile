@@ -96,7 +96,7 @@ test-scale: $(SCALE_STAMP)
 	$(PY) -m pytest -m slow tests/test_scale_dagster.py tests/test_scale_download.py \
 		"tests/test_train.py::test_two_cpu_processes_zero2_then_resume_in_one[two_nodes]" tests/test_scale_ui.py
 
-# The MMFS ablation's job on the sample world's graph (slow: ~2 min on one busy core, its data graph included).
+# The MMFS ablation's job on the sample world's graph (slow: ~1 min on 2 idle cores, ~2 min on one busy one).
 test-ablation: setup
 	$(PY) -m pytest -m slow "tests/test_assets_graph.py::test_mmfs_ablation_packs_trains_finetunes_and_reports_every_variant_in_the_graph"
 
