@@ -13,13 +13,13 @@ from assets.settings import stage_fields
 from assets.training import RUN_INPUTS
 from pipelines.data.clip_score import ClipScorerManifest
 from pipelines.data.downloaded_images import DownloadedShard
+from pipelines.data.instruction_sequences import InstructionSequences
+from pipelines.data.instructions import InstructionSources
 from pipelines.data.decontaminated_documents import DecontaminatedDocuments
 from pipelines.data.packed_sequences import PackedSequences, SequenceShards
 from pipelines.data.packing import PackingConfig
 from pipelines.data.recaptions import RecaptionedShard
 from pipelines.data.tokenizer import TokenizerManifest
-from pipelines.data.instruction_sequences import InstructionSequences
-from pipelines.data.instructions import InstructionSources
 from pipelines.evaluation.ablation import (AblationReport, ablation_report, finetune_variants, pack_variant_instructions,
                                           pack_variants, train_variants)
 from pipelines.evaluation.report import inline_images
@@ -42,7 +42,8 @@ class AblationPackingSettings(PackingSettings):
     """Visual tokens per image of the many-tokens variant (the paper's: 256)."""
 
 
-class AblationTrainingSettings(stage_fields(TrainConfig, ModelChoice, exclude=(*RUN_INPUTS, "betas", "mmfs", "config_json"))):
+class AblationTrainingSettings(stage_fields(TrainConfig, ModelChoice,
+                                            exclude=(*RUN_INPUTS, "betas", "mmfs", "config_json"))):
     """Training and model shared by every variant (:class:`pipelines.training.train.TrainConfig`,
     :class:`pipelines.training.checkpoint.ModelChoice`, a preset built from scratch); each variant sets MMFS."""
 
