@@ -53,9 +53,11 @@ demo: setup
 # report.
 ablation: setup
 	$(call instance,$(INSTANCE_DIR))
-	$(PY) -m orchestration.check_config mmfs_ablation orchestration/presets/ablation.yaml
+	$(PY) -m orchestration.ablation_config orchestration/presets/sample_world.yaml orchestration/presets/ablation.yaml \
+		> $(INSTANCE_DIR)/ablation.yaml
+	$(PY) -m orchestration.check_config mmfs_ablation $(INSTANCE_DIR)/ablation.yaml
 	$(DAGSTER) job execute -m orchestration.definitions -j mmfs_ablation \
-		-c orchestration/presets/ablation.yaml --tags '$(ABLATION_VARIANTS)'
+		-c $(INSTANCE_DIR)/ablation.yaml --tags '$(ABLATION_VARIANTS)'
 	@echo "report: $$(ls -td data/mmfs_ablation/*/ | head -1)report.md"
 
 # The quality recipe in an instance and data root of its own (dagster_home/quality, data/quality).

@@ -1,10 +1,12 @@
-"""``python -m orchestration.ablation_config PRESET [--many-image-tokens N]``: the MMFS ablation's run config on a
-main-job preset's recipe, printed as YAML.
+"""``python -m orchestration.ablation_config PRESET [OVERRIDES ...] [--many-image-tokens N]``: the MMFS ablation's
+run config on a main-job preset's recipe, printed as YAML.
 
 Every variant of the ablation (``mmfs_ablation``) is packed, trained, fine-tuned and evaluated with the preset's
 settings for the same stages (``packed_sequences`` -> ``ablation_sequences``, ``checkpoint`` ->
 ``ablation_checkpoints``, ...), so that its variant with MMFS is the preset's own model and the recipe's values
-exist once, in the preset. ``make quality-ablation`` runs it on ``sample_world_quality.yaml``.
+exist once, in the preset; ``OVERRIDES`` (ablation run-config files, later ones winning) set what the ablation does
+differently. ``make ablation`` runs it on ``sample_world.yaml`` with ``presets/ablation.yaml``'s overrides, ``make
+quality-ablation`` on ``sample_world_quality.yaml``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from orchestration.check_config import load_run_config
+from orchestration.check_config import load_run_config, update_run_config
 
 STAGES = {"packed_sequences": "ablation_sequences", "checkpoint": "ablation_checkpoints",
           "instruction_sequences": "ablation_instruction_sequences",
@@ -44,15 +46,18 @@ def ablation_run_config(preset: dict[str, Any], many_image_tokens: int | None = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", help="a main-job run config (e.g. orchestration/presets/sample_world_quality.yaml)")
+    parser.add_argument("overrides", nargs="*", help="ablation run-config files applied on top, key by key")
     parser.add_argument("--many-image-tokens", type=int, default=None,
                         help="visual tokens per image of the variant without MMFS that sees more of them")
     args = parser.parse_args(argv)
     try:
-        preset = load_run_config([args.preset])
+        preset, overrides = load_run_config([args.preset]), load_run_config(args.overrides)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
-    yaml.safe_dump(ablation_run_config(preset, args.many_image_tokens), sys.stdout, sort_keys=False)
+    config = ablation_run_config(preset, args.many_image_tokens)
+    update_run_config(config, overrides)
+    yaml.safe_dump(config, sys.stdout, sort_keys=False)
     return 0
 
 

@@ -51,14 +51,15 @@ def load_run_config(paths: Sequence[str]) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a run config is a mapping (ops:, execution:, resources:), got a "
                              f"{type(loaded).__name__}")
-        _update(merged, loaded)
+        update_run_config(merged, loaded)
     return merged
 
 
-def _update(into: dict, new: dict) -> None:
+def update_run_config(into: dict, new: dict) -> None:
+    """Update the run config ``into`` with ``new``, key by key (a mapping in both is updated, not replaced)."""
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _update(into[key], value)
+            update_run_config(into[key], value)
         else:
             into[key] = value
 

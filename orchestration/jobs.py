@@ -50,7 +50,8 @@ mmfs_ablation = dg.define_asset_job(
     selection=dg.AssetSelection.groups("ablation"),
     description=("Paper Tab. 6(a) on the sample world: per variant (MMFS vs no MMFS vs more visual tokens without) packed "
                  "sequences, a checkpoint and its fine-tuning on the instruction data, then one report (slow: make "
-                 "ablation ~60 min, make quality-ablation ~3 h on 2 CPU cores)."),
+                 "ablation took 35-60 min on 2 CPU cores before fine-tuning was added; make quality-ablation's three "
+                 "arms took ~1 h each on one thread)."),
 )
 
 refilter = dg.define_asset_job(

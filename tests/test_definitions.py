@@ -117,12 +117,21 @@ def test_run_config_presets_validate_against_the_jobs(preset):
     assert (PRESETS_DIR / f"{preset}.yaml").is_file()
 
 
-def test_ablation_preset_validates_against_its_job():
-    with open(PRESETS_DIR / "ablation.yaml") as f:
-        config = yaml.safe_load(f)
+def test_ablation_preset_validates_against_its_job(capsys):
+    """make ablation's run config: the demo's stages under the ablation's ops with ablation.yaml's overrides on top."""
+    from orchestration.ablation_config import main
+
+    assert main([str(PRESETS_DIR / "sample_world.yaml"), str(PRESETS_DIR / "ablation.yaml")]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
     assert set(config["ops"]) == {"ablation_sequences", "ablation_checkpoints", "ablation_instruction_sequences",
                                   "ablation_finetuned_checkpoints", "mmfs_ablation_report"}
     assert dg.validate_run_config(defs().resolve_job_def("mmfs_ablation"), config)
+    with open(PRESETS_DIR / "sample_world.yaml") as f:
+        demo = yaml.safe_load(f)["ops"]
+    packing = config["ops"]["ablation_sequences"]["config"]
+    assert (packing["max_length"], packing["num_image_tokens"], packing["many_image_tokens"]) == (640, 32, 256)
+    assert packing["samples_per_shard"] == demo["packed_sequences"]["config"]["samples_per_shard"]
+    assert config["ops"]["ablation_finetuned_checkpoints"]["config"] == demo["finetuned_checkpoint"]["config"]
 
 
 def test_quality_ablation_config_is_the_quality_recipe_per_variant(monkeypatch):
